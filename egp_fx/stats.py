@@ -1,0 +1,193 @@
+"""Per-channel region statistics of one activation call, and the EGP entropies.
+
+For channel c of a call with pre-activation z (EGP.md):
+
+    p_c = #(z > 0) / n                     (n = samples * positions seen by channel c)
+    H_c = -(p log2 p + (1-p) log2 (1-p)),  p clamped to [1e-5, 1 - 1e-5]
+
+Layer entropies:
+    EGP    : per batch, the mean of H_c over the channels that are mixed in that batch (neither
+             always ON nor always OFF; 0 when there are none), then the mean over batches. This is
+             what the EGP reference code computes.
+    EASIER : the mean of H_c over all channels, with p_c over all the calibration data.
+
+A channel is classified from the min/max of z: it is in the LOW region on all data iff
+max z <= lo, etc. (see regions.RegionSpec). dead = one region whose map is the constant 0;
+constant = one region with a nonzero constant; linear = one region with a nonzero slope.
+"""
+from __future__ import annotations
+
+
+from dataclasses import dataclass
+
+import torch
+
+from .regions import Affine, RegionSpec
+
+EPS = 1e-5
+EGP_META_KEY = "egp"
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Unit entropy in bits, with p clamped at EPS as in the reference code."""
+    p = p.double().clamp(EPS, 1 - EPS)
+    return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+
+
+def batch_egp_entropy(on: torch.Tensor, n: int) -> torch.Tensor:
+    """EGP layer entropy of one batch: mean H over channels mixed in this batch (a 0-d tensor)."""
+    mixed = (on > 0) & (on < n)
+    h = binary_entropy(on.double() / n)
+    count = mixed.sum()
+    return torch.where(count > 0, (h * mixed).sum() / count.clamp(min=1), h.new_zeros(()))
+
+
+@dataclass
+class ActivationStats:
+    """The typed record calibrate() stores in node.meta["egp"] for one activation call."""
+
+    spec: RegionSpec
+    channel_dim: int          # axis of the pre-activation (negative: from the end)
+    channel_source: str       # how the axis was derived
+    n: int                    # samples*positions per channel
+    batches: int
+    on: torch.Tensor          # [C] int64: count z > 0
+    low: torch.Tensor         # [C] int64: count in LOW
+    high: torch.Tensor        # [C] int64: count in HIGH
+    zmin: torch.Tensor        # [C] float
+    zmax: torch.Tensor        # [C] float
+    egp_sum: float            # sum over batches of the per-batch EGP entropy
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.on.numel())
+
+    @property
+    def mid(self) -> torch.Tensor:
+        return self.n - self.low - self.high
+
+    @property
+    def p_on(self) -> torch.Tensor:
+        return self.on.double() / self.n
+
+    @property
+    def unit_entropy(self) -> torch.Tensor:
+        return binary_entropy(self.p_on)
+
+    @property
+    def egp_entropy(self) -> float:
+        return self.egp_sum / self.batches if self.batches else 0.0
+
+    @property
+    def easier_entropy(self) -> float:
+        return float(self.unit_entropy.mean()) if self.num_channels else 0.0
+
+    def region_of_channel(self) -> torch.Tensor:
+        """[C] int64: 0/1/2 = the single region (low/mid/high) a channel stayed in, -1 = several."""
+        s = self.spec
+        in_low = self.zmax <= s.lo
+        in_high = self.zmin > s.hi if s.hi_strict else self.zmin >= s.hi
+        in_mid = (self.zmin > s.lo) & ((self.zmax < s.hi) if not s.hi_strict else (self.zmax <= s.hi))
+        if not s.has_mid:
+            in_mid = torch.zeros_like(in_mid)
+        region = torch.full_like(self.on, -1)
+        region[in_mid] = 1
+        region[in_low] = 0
+        region[in_high] = 2
+        return region
+
+    def _channels_where(self, predicate) -> list[int]:
+        region = self.region_of_channel()
+        out = []
+        for r in range(3):
+            aff = self.spec.affine(r)
+            if aff is not None and predicate(aff):
+                out += torch.nonzero(region == r).flatten().tolist()
+        return sorted(out)
+
+    @property
+    def dead_channels(self) -> list[int]:
+        """Channels whose output is 0 on all data (always in a zero region)."""
+        return self._channels_where(lambda a: a.is_zero)
+
+    @property
+    def constant_channels(self) -> list[int]:
+        """Channels whose output is a nonzero constant on all data (e.g. ReLU6 saturated)."""
+        return self._channels_where(lambda a: a.is_constant and not a.is_zero)
+
+    @property
+    def linear_channels(self) -> list[int]:
+        """Channels that stayed in one linear region with a nonzero slope on all data."""
+        return self._channels_where(lambda a: not a.is_constant)
+
+    def channel_affine(self) -> list[Affine | None]:
+        """Per channel, the affine map it computes on all data, or None where it is nonlinear."""
+        region = self.region_of_channel().tolist()
+        return [self.spec.affine(r) if r >= 0 else None for r in region]
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """[C] distance of the data from the nearest region boundary (0 for mixed channels)."""
+        s, region = self.spec, self.region_of_channel()
+        low = s.lo - self.zmax
+        high = self.zmin - s.hi
+        mid = torch.minimum(self.zmin - s.lo, s.hi - self.zmax)
+        out = torch.zeros_like(self.zmin)
+        out = torch.where(region == 0, low, out)
+        out = torch.where(region == 1, mid, out)
+        return torch.where(region == 2, high, out)
+
+    @property
+    def fully_single_region(self) -> bool:
+        return bool((self.region_of_channel() >= 0).all())
+
+
+class StatsAccumulator:
+    """Accumulates ActivationStats on the tensor's device with tensor ops only (no .item())."""
+
+    def __init__(self, spec: RegionSpec, channel_dim: int, channel_source: str):
+        self.spec, self.channel_dim, self.channel_source = spec, channel_dim, channel_source
+        self.n = 0
+        self.batches = 0
+        self.on = self.low = self.high = self.zmin = self.zmax = self.egp_sum = None
+
+    def update(self, z: torch.Tensor) -> None:
+        z = z.detach()
+        dim = self.channel_dim % z.dim()
+        dims = tuple(d for d in range(z.dim()) if d != dim)
+        n = z.numel() // z.shape[dim]
+        s = self.spec
+        on = z.gt(0).sum(dims)
+        if s.lo == 0.0 and s.hi == 0.0 and s.hi_strict:      # relu / leaky: two halves
+            high, low = on, n - on
+        else:
+            low = z.le(s.lo).sum(dims)
+            high = (z.gt(s.hi) if s.hi_strict else z.ge(s.hi)).sum(dims)
+        zmin, zmax = z.amin(dims), z.amax(dims)
+        h = batch_egp_entropy(on, n)
+        if self.on is None:
+            self.on, self.low, self.high, self.zmin, self.zmax, self.egp_sum = on, low, high, zmin, zmax, h
+        else:
+            self.on += on
+            self.low += low
+            self.high += high
+            self.zmin = torch.minimum(self.zmin, zmin)
+            self.zmax = torch.maximum(self.zmax, zmax)
+            self.egp_sum = self.egp_sum + h
+        self.n += n
+        self.batches += 1
+
+    def finish(self) -> ActivationStats | None:
+        if self.on is None:
+            return None
+        cpu = lambda t: t.detach().cpu()  # noqa: E731
+        return ActivationStats(self.spec, self.channel_dim, self.channel_source, self.n,
+                               self.batches, cpu(self.on), cpu(self.low), cpu(self.high),
+                               cpu(self.zmin).float(), cpu(self.zmax).float(), float(self.egp_sum))
+
+
+
