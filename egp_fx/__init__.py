@@ -1,11 +1,15 @@
 """egp_fx: make trained networks shallower and faster by deleting dead units and folding linear ones."""
 from .calibrate import calibrate
+from .compress import compress
 from .errors import CalibrationError, CompressError, EGPError, TraceError
 from .stats import ActivationStats
+from .measures import Totals, measure
+from .report import CompressReport, report_of
 from .table import LayerTable, layer_stats
 from .tracing import register_leaf_module, register_wrapped_function, trace
 
 __all__ = [
-    "ActivationStats", "CalibrationError", "CompressError", "EGPError", "LayerTable", "TraceError",
-    "calibrate", "layer_stats", "register_leaf_module", "register_wrapped_function", "trace",
+    "ActivationStats", "CalibrationError", "CompressError", "CompressReport", "EGPError",
+    "LayerTable", "Totals", "TraceError", "calibrate", "compress", "layer_stats", "measure",
+    "register_leaf_module", "register_wrapped_function", "report_of", "trace",
 ]

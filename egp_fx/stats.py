@@ -191,3 +191,11 @@ class StatsAccumulator:
 
 
 
+
+
+def select_channels(st: ActivationStats, keep: list[int]) -> ActivationStats:
+    """The record restricted to channels `keep` (after a pass narrowed the layer)."""
+    idx = torch.tensor(keep, dtype=torch.long)
+    return ActivationStats(st.spec, st.channel_dim, st.channel_source, st.n, st.batches,
+                           st.on[idx], st.low[idx], st.high[idx], st.zmin[idx], st.zmax[idx],
+                           st.egp_sum)

@@ -1,0 +1,174 @@
+"""compress(model, calib_loader): calibrate, rewrite pass by pass, verify, roll back what fails.
+
+Pipeline (DESIGN.md): trace a copy -> calibrate (per-call region statistics) -> for each pass:
+snapshot, run, compare outputs with the original on the verification batches; a pass whose
+outputs move beyond the tolerance is bisected (its rewrites re-applied one at a time, each
+verified) and the failing rewrites are rolled back and reported. The caller's model is never
+modified. The result is a torch.fx.GraphModule whose meta holds the report ("egp_report") and the
+calibrated original ("egp_original").
+
+Error measure: max |y - y_ref| / max |y_ref| over every output tensor and verification batch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_leaves
+from tqdm.auto import tqdm
+
+from .calibrate import calibrate
+from .data import iter_inputs
+from .errors import CompressError
+from .measures import measure
+from .passes import PASSES
+from .passes.base import PassContext, Refusal
+from .passes.cleanup import unshare
+from .report import REPORT_META_KEY, CompressReport, PassSummary
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PASSES = tuple(p for p in ("cleanup", "fold_bn", "constants", "dead_channels", "linear_units",
+                  "fold_linear", "constants", "cleanup") if p in PASSES)
+
+
+def output_error(gm: nn.Module, inputs: list[torch.Tensor], refs: list[list[torch.Tensor]]) -> float:
+    """max |y - y_ref| / max |y_ref| over all outputs and batches (0 when identical)."""
+    worst, scale = 0.0, 0.0
+    with torch.no_grad():
+        for x, ref in zip(inputs, refs):
+            out = [t for t in tree_leaves(gm(x)) if isinstance(t, torch.Tensor)]
+            if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
+                return float("inf")
+            for o, r in zip(out, ref):
+                worst = max(worst, float((o.double() - r.double()).abs().max()))
+                scale = max(scale, float(r.abs().max()))
+    if worst != worst:  # NaN
+        return float("inf")
+    return worst / scale if scale > 0 else worst
+
+
+def _reference(gm: nn.Module, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    with torch.no_grad():
+        return [[t for t in tree_leaves(gm(x)) if isinstance(t, torch.Tensor)] for x in inputs]
+
+
+class _Verifier:
+    def __init__(self, original, inputs, holdout, tolerance, approx_tolerance):
+        self.inputs, self.holdout = inputs, holdout
+        self.refs = _reference(original, inputs)
+        self.holdout_refs = _reference(original, holdout) if holdout else []
+        self.tolerance, self.approx_tolerance = tolerance, approx_tolerance
+
+    def error(self, gm) -> float:
+        err = output_error(gm, self.inputs, self.refs)
+        if self.holdout:
+            err = max(err, output_error(gm, self.holdout, self.holdout_refs))
+        return err
+
+    def limit(self, rewrites) -> float:
+        return self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
+
+
+def _run_pass(name, run, gm, ctx, verifier, report) -> fx.GraphModule:
+    t0 = time.perf_counter()
+    snapshot = copy.deepcopy(gm)
+    outcome = run(gm, ctx)
+    report.refusals += outcome.refusals
+    rolled = 0
+    if outcome.modified:
+        err = verifier.error(gm)
+        if err <= verifier.limit(outcome.rewrites):
+            for rw in outcome.rewrites:
+                rw.error = err
+            report.rewrites += outcome.rewrites
+        else:
+            log.info("%s: output error %.3g beyond tolerance; bisecting %d rewrites",
+                     name, err, len(outcome.rewrites))
+            gm, rolled = _bisect(name, run, snapshot, ctx, verifier, report, outcome.rewrites)
+    report.passes.append(PassSummary(name, len(outcome.rewrites), len(outcome.refusals), rolled,
+                                     max((r.error or 0.0) for r in outcome.rewrites)
+                                     if outcome.rewrites else 0.0, time.perf_counter() - t0))
+    return gm
+
+
+def _bisect(name, run, gm, ctx, verifier, report, rewrites):
+    rolled = 0
+    for rw in rewrites:
+        trial = copy.deepcopy(gm)
+        ctx.only = {rw.key}
+        try:
+            outcome = run(trial, ctx)
+        finally:
+            ctx.only = None
+        applied = outcome.rewrites or [rw]
+        err = verifier.error(trial) if outcome.modified else 0.0
+        if err <= verifier.limit(applied):
+            gm = trial
+            for r in applied:
+                r.error = err
+            report.rewrites += applied
+        else:
+            rolled += 1
+            rw.error, rw.status = err, "rolled back"
+            report.rewrites.append(rw)
+            report.refusals.append(Refusal(name, rw.key, rw.nodes,
+                                           f"rolled back: output error {err:.3g} beyond tolerance",
+                                           activation=rw.activation))
+    return gm, rolled
+
+
+def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | None = None,
+             holdout_loader: Iterable | None = None, input_key: str | None = None,
+             device: torch.device | str | None = None, tolerance: float = 1e-5,
+             allow_approximate: bool = False, approx_tolerance: float = 1e-2,
+             cost: str = "flops", latency_fn: Callable | None = None,
+             passes: tuple[str, ...] = DEFAULT_PASSES, verify_batches: int | None = 2,
+             progress: bool = True, calibrated: fx.GraphModule | None = None) -> fx.GraphModule:
+    """Return a smaller GraphModule computing the same function as `model` on the calibration data.
+
+    tolerance        relative output error allowed for exact rewrites (default 1e-5)
+    allow_approximate apply rewrites that are not exact (kxk o kxk conv merges), checked against
+                     approx_tolerance
+    cost             "flops" (default) or "latency" (with latency_fn(module, x) -> seconds)
+    verify_batches   calibration batches used to verify each pass (None: all of them)
+    calibrated       a GraphModule from calibrate() to reuse instead of calibrating again
+    """
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown:
+        raise CompressError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
+    if cost not in ("flops", "latency") or (cost == "latency" and latency_fn is None):
+        raise CompressError("cost must be 'flops', or 'latency' together with latency_fn")
+    inputs = [x.cpu() for x in iter_inputs(calib_loader, max_batches=max_batches, input_key=input_key)]
+    original = calibrated if calibrated is not None else calibrate(
+        model, inputs, device=device, progress=progress)
+    dev = next((p.device for p in original.parameters()), torch.device("cpu"))
+    inputs = [x.to(dev) for x in inputs]
+    holdout = [x for x in iter_inputs(holdout_loader, input_key=input_key, device=dev)] \
+        if holdout_loader is not None else []
+    t0 = time.perf_counter()
+    verify = inputs[:verify_batches] if verify_batches else inputs
+    verifier = _Verifier(original, verify, holdout, tolerance, approx_tolerance)
+    example = inputs[0][:1]
+    report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance)
+    gm = copy.deepcopy(original)
+    unshare(gm)
+    ctx = PassContext(example_input=example, allow_approximate=allow_approximate, cost=cost,
+                      latency_fn=latency_fn)
+    for name in tqdm(passes, desc="compress", disable=not progress, leave=False):
+        gm = _run_pass(name, PASSES[name], gm, ctx, verifier, report)
+    report.after = measure(gm, example)
+    report.max_error = output_error(gm, inputs, _reference(original, inputs))
+    if holdout:
+        report.holdout_error = output_error(gm, holdout, verifier.holdout_refs)
+    report.seconds = time.perf_counter() - t0
+    gm.meta[REPORT_META_KEY] = report
+    gm.meta["egp_original"] = original
+    log.info("compress: %s", report.summary().replace("\n", "; "))
+    return gm

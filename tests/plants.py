@@ -1,0 +1,39 @@
+"""Planting ground truth with parameters, so that it holds for every input.
+
+BatchNorm in eval mode computes gamma * xhat + beta; with gamma_c = 0 channel c outputs beta_c
+whatever the input. beta_c < 0 makes a following ReLU dead, beta_c > 0 keeps it ON (linear).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def realistic_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+            m.weight.data.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
+
+
+def plant_constant(bn: nn.BatchNorm2d | nn.BatchNorm1d, channels, value: float) -> None:
+    """Channels of `bn` output `value` for every input."""
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    bn.weight.data[idx] = 0.0
+    bn.bias.data[idx] = value
+
+
+def plant_dead(bn, channels) -> None:
+    plant_constant(bn, channels, -1.0)
+
+
+def plant_zero_branch(block) -> None:
+    """A torchvision BasicBlock whose first ReLU is dead and whose branch adds exactly zero."""
+    plant_dead(block.bn1, range(block.bn1.num_features))
+    plant_constant(block.bn2, range(block.bn2.num_features), 0.0)
