@@ -84,7 +84,11 @@ def _failing_node(gm: fx.GraphModule, x: torch.Tensor) -> str | None:
             loc.run(x)
     except Exception:  # we only want to know where it failed
         pass
-    return loc.failed.format_node() if loc.failed is not None else None
+    if loc.failed is None:
+        return None
+    n = loc.failed
+    return f"{n.name}` ({n.op} {getattr(n.target, '__name__', n.target)})"
+
 
 
 def activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -127,7 +131,7 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
                 where = _failing_node(gm, x)
                 raise CalibrationError(
                     f"batch {i} (input shape {tuple(x.shape)}) was rejected by the model"
-                    + (f" at node `{where}`" if where else "") + f": {type(err).__name__}: {err}"
+                    + (f" at node `{where}" if where else "") + f": {type(err).__name__}: {err}"
                 ) from err
             bar.update(1)
     bar.close()

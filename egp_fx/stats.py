@@ -172,9 +172,9 @@ class StatsAccumulator:
         if self.on is None:
             self.on, self.low, self.high, self.zmin, self.zmax, self.egp_sum = on, low, high, zmin, zmax, h
         else:
-            self.on += on
-            self.low += low
-            self.high += high
+            self.on = self.on + on          # out of place: for ReLU, high is the same tensor as on
+            self.low = self.low + low
+            self.high = self.high + high
             self.zmin = torch.minimum(self.zmin, zmin)
             self.zmax = torch.maximum(self.zmax, zmax)
             self.egp_sum = self.egp_sum + h

@@ -37,3 +37,23 @@ def plant_zero_branch(block) -> None:
     """A torchvision BasicBlock whose first ReLU is dead and whose branch adds exactly zero."""
     plant_dead(block.bn1, range(block.bn1.num_features))
     plant_constant(block.bn2, range(block.bn2.num_features), 0.0)
+
+
+@torch.no_grad()
+def fit_bn_statistics(model: nn.Module, batches) -> nn.Module:
+    """Set every BatchNorm's running statistics to the data's (as training would), in place.
+
+    Afterwards each pre-activation is normalised, so no channel is dead or linear by accident;
+    planted channels (gamma = 0) keep their constant output whatever the statistics.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x in batches:
+        model(x)
+    model.eval()
+    for m in bns:
+        m.momentum = 0.1
+    return model
