@@ -146,6 +146,28 @@ class ActivationStats:
         return bool((self.region_of_channel() >= 0).all())
 
 
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
+def _aminmax(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max of an (outer, C, inner) view."""
+    if v.shape[2] == 1:
+        return torch.aminmax(v[:, :, 0], dim=0)
+    lo, hi = torch.aminmax(v, dim=2)
+    return lo.amin(0), hi.amax(0)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Per-channel count of True in an (outer, C, inner) mask, as int64."""
+    if mask.shape[2] == 1:
+        return mask[:, :, 0].sum(0)
+    return mask.sum(2, dtype=torch.int32).sum(0, dtype=torch.int64)
+
+
 class StatsAccumulator:
     """Accumulates ActivationStats on the tensor's device with tensor ops only (no .item())."""
 
@@ -158,16 +180,18 @@ class StatsAccumulator:
     def update(self, z: torch.Tensor) -> None:
         z = z.detach()
         dim = self.channel_dim % z.dim()
-        dims = tuple(d for d in range(z.dim()) if d != dim)
-        n = z.numel() // z.shape[dim]
+        c = z.shape[dim]
+        n = z.numel() // c
+        # (outer, C, inner) view: reductions run along contiguous memory first, then over `outer`
+        v = z.reshape(-1, c, _prod(z.shape[dim + 1:]))
         s = self.spec
-        on = z.gt(0).sum(dims)
+        zmin, zmax = _aminmax(v)
+        on = _count(v.gt(0))
         if s.lo == 0.0 and s.hi == 0.0 and s.hi_strict:      # relu / leaky: two halves
             high, low = on, n - on
         else:
-            low = z.le(s.lo).sum(dims)
-            high = (z.gt(s.hi) if s.hi_strict else z.ge(s.hi)).sum(dims)
-        zmin, zmax = z.amin(dims), z.amax(dims)
+            low = _count(v.le(s.lo))
+            high = _count(v.gt(s.hi) if s.hi_strict else v.ge(s.hi))
         h = batch_egp_entropy(on, n)
         if self.on is None:
             self.on, self.low, self.high, self.zmin, self.zmax, self.egp_sum = on, low, high, zmin, zmax, h

@@ -169,9 +169,7 @@ def _narrow_depthwise(gm, use: _Use, remove: dict[int, float]) -> int:
     dw_out = b.clone()  # input channel c is the constant remove[c]: output is k * sum(kernel) + b
     for c, k in remove.items():
         dw_out[c] = b[c] + k * w[c].sum()  # exact only for k == 0 at padded borders; k != 0 excluded
-    new = with_weights(mod, w[keep], b[keep])
-    new.groups = len(keep)
-    new.in_channels = new.out_channels = len(keep)
+    new = with_weights(mod, w[keep], b[keep], groups=len(keep))
     set_module(gm, use.node.target, new)
     saved = mod.weight.numel() - new.weight.numel()
     after = next(iter(use.node.users))

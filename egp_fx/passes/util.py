@@ -51,13 +51,17 @@ def weight_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return w, b
 
 
-def with_weights(mod: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A new module like `mod` (conv or linear) carrying `weight`/`bias` (shapes may differ)."""
+def with_weights(mod: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                 groups: int | None = None) -> nn.Module:
+    """A new module like `mod` (conv or linear) carrying `weight`/`bias` (shapes may differ).
+
+    `groups` overrides the conv's group count (a narrowed depthwise conv has fewer groups).
+    """
     dtype, device = mod.weight.dtype, mod.weight.device
     if isinstance(mod, nn.Linear):
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        groups = mod.groups
+        groups = mod.groups if groups is None else groups
         in_ch = weight.shape[1] * groups
         cls = type(mod) if type(mod) in (nn.Conv1d, nn.Conv2d) else nn.Conv2d
         new = cls(in_ch, weight.shape[0], weight.shape[2:], stride=mod.stride, padding=mod.padding,

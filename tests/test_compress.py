@@ -1,0 +1,272 @@
+"""compress(): planted models end to end -- exact outputs, the expected structure, no mutation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import egp_fx
+from egp_fx.errors import CompressError
+from plants import fit_bn_statistics, plant_constant, plant_dead, plant_zero_branch, realistic_bn
+
+
+def _data(n, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def _assert_same_function(model, gm, batches, tol=1e-5):
+    """Outputs equal to within tol relative to the output scale, on every batch.
+
+    Checked in float64 on copies, so float32 rounding through deep nets does not blur the check;
+    and in float32 as deployed with a tolerance 10x looser.
+    """
+    for dtype, t in ((torch.float64, tol), (torch.float32, 10 * tol)):
+        m, g = copy.deepcopy(model).to(dtype), copy.deepcopy(gm).to(dtype)
+        with torch.no_grad():
+            for x in batches:
+                ref, out = m(x.to(dtype)), g(x.to(dtype))
+                scale = float(ref.abs().max())
+                torch.testing.assert_close(out, ref, rtol=0, atol=t * scale)
+
+
+def _modules_called(gm, cls):
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)]
+
+
+def _unchanged(model, state):
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_resnet18_dead_blocks_dead_channels_linear_relus():
+    torch.manual_seed(0)
+    model = realistic_bn(torchvision.models.resnet18(num_classes=10))
+    calib, fresh = _data(3, (8, 3, 64, 64)), _data(2, (8, 3, 64, 64), seed=1)
+    plant_zero_branch(model.layer1[1])                       # dead blocks: branch adds 0
+    plant_zero_branch(model.layer3[1])
+    plant_dead(model.layer2[0].bn1, [1, 5, 7])               # dead channels
+    plant_constant(model.layer4[1].bn2, range(512), 1.0)     # relu(x + 1), x >= 0: linear ReLU
+    fit_bn_statistics(model, calib)
+    state = copy.deepcopy(model.state_dict())
+
+    gm = egp_fx.compress(model, calib, progress=False)
+    report = egp_fx.report_of(gm)
+
+    _assert_same_function(model, gm, calib + fresh)
+    assert _unchanged(model, state)
+    convs = _modules_called(gm, nn.Conv2d)
+    assert not [c for c in convs if c.startswith(("layer1.1.", "layer3.1.", "layer4.1."))]
+    assert len(convs) == 20 - 6
+    assert gm.get_submodule("layer2.0.conv1").out_channels == 125
+    assert gm.get_submodule("layer2.0.conv2").in_channels == 125
+    assert not _modules_called(gm, nn.BatchNorm2d)
+    decisions = report.decisions()
+    assert decisions["layer2_0_relu"] == "narrowed 128 -> 125"
+    assert decisions["layer1_1_relu_1"].startswith("removed")
+    assert decisions["layer4_1_relu_1"] == "removed (input is non-negative)"
+    assert (report.before.weighted_depth, report.after.weighted_depth) == (18, 12)
+    assert (report.before.nonlinear_depth, report.after.nonlinear_depth) == (17, 11)
+    assert report.after.params < report.before.params and report.after.flops < report.before.flops
+    assert report.max_error <= 1e-5 and not report.rolled_back
+
+
+def test_resnet50_bottlenecks():
+    torch.manual_seed(0)
+    model = realistic_bn(torchvision.models.resnet50(num_classes=10))
+    calib = _data(2, (4, 3, 64, 64))
+    block = model.layer2[1]
+    plant_dead(block.bn1, range(block.bn1.num_features))      # whole bottleneck dead ...
+    plant_constant(block.bn3, range(block.bn3.num_features), 0.0)   # ... adding exactly 0
+    plant_dead(model.layer3[0].bn2, [0, 2, 4, 6])             # 3x3 -> relu -> 1x1 conv3
+    fit_bn_statistics(model, calib)
+    state = copy.deepcopy(model.state_dict())
+
+    gm = egp_fx.compress(model, calib, progress=False)
+
+    _assert_same_function(model, gm, calib + _data(1, (4, 3, 64, 64), seed=3))
+    assert _unchanged(model, state)
+    assert not [c for c in _modules_called(gm, nn.Conv2d) if c.startswith("layer2.1.")]
+    assert gm.get_submodule("layer3.0.conv2").out_channels == 252
+    assert gm.get_submodule("layer3.0.conv3").in_channels == 252
+    report = egp_fx.report_of(gm)
+    assert (report.before.weighted_depth, report.after.weighted_depth) == (50, 47)
+
+
+def test_mobilenet_v2_relu6_through_depthwise():
+    torch.manual_seed(0)
+    model = realistic_bn(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10))
+    calib = _data(2, (4, 3, 64, 64))
+    expand_bn = model.features[2].conv[0][1]                  # 1x1 expand -> BN -> ReLU6 -> dw 3x3
+    plant_dead(expand_bn, [0, 1, 2, 10])
+    fit_bn_statistics(model, calib)
+    c = expand_bn.num_features
+
+    gm = egp_fx.compress(model, calib, progress=False)
+
+    _assert_same_function(model, gm, calib + _data(1, (4, 3, 64, 64), seed=4))
+    assert gm.get_submodule("features.2.conv.0.0").out_channels == c - 4
+    dw = gm.get_submodule("features.2.conv.1.0")
+    assert dw.groups == dw.in_channels == dw.out_channels == c - 4
+    assert gm.get_submodule("features.2.conv.2").in_channels == c - 4
+
+
+def _vit(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8).eval()
+
+
+def test_vit_mlp_dead_units_shrink_fc1_and_fc2():
+    model = _vit()
+    fc1 = model.blocks[2].mlp.fc1
+    with torch.no_grad():
+        fc1.weight[[3, 100, 500]] = 0.0
+        fc1.bias[[3, 100, 500]] = -10.0
+    calib = _data(2, (4, 3, 32, 32))
+    gm = egp_fx.compress(model, calib, progress=False)
+    _assert_same_function(model, gm, calib + _data(1, (4, 3, 32, 32), seed=5))
+    assert gm.get_submodule("blocks.2.mlp.fc1").out_features == 765
+    assert gm.get_submodule("blocks.2.mlp.fc2").in_features == 765
+    assert egp_fx.report_of(gm).decisions()["blocks_2_mlp_act"] == "narrowed 768 -> 765"
+
+
+def test_vit_mlp_with_all_units_linear_becomes_one_linear():
+    model = _vit()
+    fc1 = model.blocks[4].mlp.fc1
+    with torch.no_grad():   # LayerNorm output is bounded: |W x| <= 2.7 < 20 - 5.3
+        fc1.weight.copy_(torch.randn_like(fc1.weight).clamp(-1, 1) * 1e-3)
+        fc1.bias.fill_(20.0)
+    calib = _data(2, (4, 3, 32, 32))
+    gm = egp_fx.compress(model, calib, progress=False)
+    _assert_same_function(model, gm, calib + _data(1, (4, 3, 32, 32), seed=6), tol=1e-5)
+    block4 = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.4.mlp")]
+    assert len(block4) == 1
+    merged = gm.get_submodule(block4[0].target)
+    assert isinstance(merged, nn.Linear) and tuple(merged.weight.shape) == (192, 192)
+    assert egp_fx.report_of(gm).decisions()["blocks_4_mlp_act"] == "linearised"
+
+
+class _Custom(nn.Module):
+    """Functional activations, a reused ReLU, a concat and a LeakyReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+        self.bn_c = nn.BatchNorm2d(8)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.relu(self.bn_a(self.a(x)))
+        b = F.relu(self.bn_b(self.b(x)))
+        y = torch.cat([a, b], dim=1)
+        y = self.leaky(self.bn_c(self.c(y)))
+        y = self.relu(self.d(y))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_custom_net_functional_reused_concat_leaky():
+    torch.manual_seed(0)
+    model = realistic_bn(_Custom())
+    calib = _data(2, (4, 3, 16, 16))
+    plant_dead(model.bn_a, [1])             # through the concat: c loses input channel 1
+    plant_dead(model.bn_b, [0, 7])          # c loses input channels 8 and 15
+    plant_constant(model.bn_c, range(8), -2.0)   # LeakyReLU all on its negative side: 0.1*z
+    fit_bn_statistics(model, calib)
+    model.eval()
+    gm = egp_fx.compress(model, calib, progress=False)
+    _assert_same_function(model, gm, calib + _data(1, (4, 3, 16, 16), seed=7))
+    decisions = egp_fx.report_of(gm).decisions()
+    assert decisions["relu"] == "narrowed 8 -> 7" and decisions["relu_1"] == "narrowed 8 -> 6"
+    assert decisions["leaky"] == "linearised"
+    assert gm.get_submodule("a").out_channels == 7 and gm.get_submodule("b").out_channels == 6
+
+
+def test_nothing_planted_changes_only_batchnorm_folding():
+    torch.manual_seed(0)
+    model = realistic_bn(torchvision.models.resnet18(num_classes=10))
+    calib = _data(2, (8, 3, 64, 64))
+    fit_bn_statistics(model, calib)
+    gm = egp_fx.compress(model, calib, progress=False)
+    report = egp_fx.report_of(gm)
+    assert {r.kind for r in report.applied} == {"fold_bn"}
+    assert len(report.applied) == 20
+    assert report.after.weighted_depth == report.before.weighted_depth == 18
+    assert report.after.nonlinear_depth == 17
+    _assert_same_function(model, gm, calib)
+
+
+class _Two3x3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 16, 3, padding=1)     # 4 -> 16 -> 4: a merged 5x5 4 -> 4 conv
+        self.bn = nn.BatchNorm2d(16)                 # has fewer FLOPs than the pair
+        self.c2 = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.bn(self.c1(x))))
+
+
+def _two3x3():
+    torch.manual_seed(0)
+    model = _Two3x3()
+    with torch.no_grad():
+        model.c1.weight.abs_()
+        model.bn.weight.fill_(1e-3)
+        model.bn.bias.fill_(5.0)        # every pre-activation ~5: the ReLU is linear
+    return model.eval()
+
+
+def test_approximate_fold_only_when_asked():
+    model = _two3x3()
+    calib = [torch.rand(2, 4, 8, 8) for _ in range(2)]
+    exact = egp_fx.report_of(egp_fx.compress(model, calib, progress=False))
+    assert exact.after.weighted_depth == 2 and exact.after.nonlinear_depth == 0
+    assert any("3x3 o 3x3" in r.reason and "approximate" in r.reason for r in exact.refusals)
+    approx = egp_fx.report_of(egp_fx.compress(model, calib, allow_approximate=True,
+                                              approx_tolerance=1.0, progress=False))
+    merged = [r for r in approx.applied if not r.exact]
+    assert merged and approx.after.weighted_depth == 1
+    assert all(r.error is not None and r.error > 0 for r in merged)
+
+
+def test_rewrite_beyond_tolerance_is_rolled_back():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.l1.weight[2] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+        model.l1.bias[2] = 0.0
+    calib = [-torch.rand(8, 4)]               # unit 2 never fires here ...
+    holdout = [torch.rand(8, 4)]              # ... but does here
+    gm = egp_fx.compress(model, calib, holdout_loader=holdout, progress=False)
+    report = egp_fx.report_of(gm)
+    assert [r.key for r in report.rolled_back if r.kind == "narrow_channels"] == ["relu"]
+    assert any(r.reason.startswith("rolled back") for r in report.refusals)
+    assert gm.get_submodule("l1").out_features == 6
+    _assert_same_function(model, gm, calib + holdout)
+
+
+def test_unknown_pass_and_bad_cost_model():
+    with pytest.raises(CompressError, match="unknown pass"):
+        egp_fx.compress(_two3x3(), [torch.rand(1, 4, 8, 8)], passes=("nope",), progress=False)
+    with pytest.raises(CompressError, match="latency"):
+        egp_fx.compress(_two3x3(), [torch.rand(1, 4, 8, 8)], cost="latency", progress=False)
