@@ -99,11 +99,14 @@ def activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | None = None,
               device: torch.device | str | None = None, input_key: str | None = None,
               progress: bool = True, gelu_margins: tuple[float, float] = GELU_MARGINS,
-              silu_margins: tuple[float, float] = SILU_MARGINS) -> fx.GraphModule:
+              silu_margins: tuple[float, float] = SILU_MARGINS,
+              keep_outputs: list | None = None) -> fx.GraphModule:
     """Trace a copy of `model` and record, per activation call, its region statistics.
 
     Returns the traced GraphModule (on `device`, eval mode) with an ActivationStats record in
     node.meta["egp"] of every activation node. `model` itself is never modified.
+    `keep_outputs`, when given a list, receives the model's output for each batch (compress
+    uses them as the reference, which saves a forward pass).
     """
     if isinstance(model, nn.Module) and model.training:
         log.warning("calibrate: the model is in training mode; statistics are taken in eval mode "
@@ -126,13 +129,15 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
         for i, x in enumerate(iter_inputs(calib_loader, max_batches=max_batches,
                                           input_key=input_key, device=device)):
             try:
-                inst(x)
+                out = inst(x)
             except Exception as err:
                 where = _failing_node(gm, x)
                 raise CalibrationError(
                     f"batch {i} (input shape {tuple(x.shape)}) was rejected by the model"
                     + (f" at node `{where}" if where else "") + f": {type(err).__name__}: {err}"
                 ) from err
+            if keep_outputs is not None:
+                keep_outputs.append(out)
             bar.update(1)
     bar.close()
     for node in gm.graph.nodes:

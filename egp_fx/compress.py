@@ -7,10 +7,11 @@ verified) and the failing rewrites are rolled back and reported. The caller's mo
 modified. The result is a torch.fx.GraphModule whose meta holds the report ("egp_report") and the
 calibrated original ("egp_original").
 
-Error measure: max |y - y_ref| / max |y_ref| over every output tensor and verification batch,
-computed in float64 (module and inputs cast up for the check, then back: float32 -> float64 ->
-float32 is lossless). Rounding noise of float32 therefore neither hides a wrong rewrite nor makes
-an exact one (BatchNorm folding in a 50-layer net) look wrong, and the tolerance can stay tight.
+Error measure: max |y - y_ref| / max |y_ref| over every output tensor and verification batch.
+It is first taken in float32, as deployed; a result beyond the tolerance is re-taken in float64
+(module and inputs cast up for the check, then back: float32 -> float64 -> float32 is lossless),
+which decides. Rounding noise of float32 therefore does not make an exact rewrite (BatchNorm
+folding in a 50-layer net) look wrong, and the tolerance can stay tight.
 A failed group is bisected: halves are re-applied and verified until the failing rewrites are
 isolated, so a single bad rewrite costs O(log n) checks.
 """
@@ -39,8 +40,8 @@ from .report import REPORT_META_KEY, CompressReport, PassSummary
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PASSES = tuple(p for p in ("cleanup", "fold_bn", "constants", "dead_channels", "linear_units",
-                  "fold_linear", "constants", "cleanup") if p in PASSES)
+DEFAULT_PASSES = ("cleanup", "fold_bn", "constants", "dead_channels", "linear_units",
+                  "fold_linear", "constants", "cleanup")
 
 
 def _leaves(out) -> list[torch.Tensor]:
@@ -78,24 +79,29 @@ def _float64_outputs(gm: nn.Module, inputs: list[torch.Tensor]) -> list[list[tor
 
 
 class _Verifier:
-    def __init__(self, original, inputs, holdout, tolerance, approx_tolerance):
-        self.inputs, self.holdout = inputs, holdout
-        self.refs = _float64_outputs(original, inputs)
-        self.holdout_refs = _float64_outputs(original, holdout) if holdout else []
+    def __init__(self, original, inputs, refs, holdout, tolerance, approx_tolerance):
+        self.original, self.inputs, self.holdout = original, inputs, holdout
+        self.refs32 = refs + _reference(original, holdout)
+        self._refs64: list | None = None
         self.tolerance, self.approx_tolerance = tolerance, approx_tolerance
 
-    def error(self, gm) -> float:
+    def error(self, gm, limit: float = 0.0) -> float:
+        """Output error of gm; in float64 when the float32 error exceeds `limit`."""
+        err = output_error(gm, self.inputs + self.holdout, self.refs32)
+        if err <= limit:
+            return err
+        if self._refs64 is None:
+            self._refs64 = _float64_outputs(self.original, self.inputs + self.holdout)
         gm.double()
         try:
-            err = output_error(gm, self.inputs, self.refs)
-            if self.holdout:
-                err = max(err, output_error(gm, self.holdout, self.holdout_refs))
+            return output_error(gm, self.inputs + self.holdout, self._refs64)
         finally:
             gm.float()
-        return err
 
-    def limit(self, rewrites) -> float:
-        return self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
+    def accepts(self, gm, rewrites) -> tuple[bool, float]:
+        limit = self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
+        err = self.error(gm, limit)
+        return err <= limit, err
 
 
 def _apply(run, gm, ctx, keys):
@@ -108,6 +114,31 @@ def _apply(run, gm, ctx, keys):
         ctx.only = None
 
 
+def _run_group(passes, gm, ctx, verifier, report, progress) -> fx.GraphModule:
+    """Run all passes and verify once; if the group fails, redo it pass by pass from a snapshot."""
+    snapshot = copy.deepcopy(gm)
+    done = []
+    for name in tqdm(passes, desc="compress", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        done.append((name, PASSES[name](gm, ctx), time.perf_counter() - t0))
+    rewrites = [r for _, outcome, _ in done for r in outcome.rewrites]
+    ok, err = verifier.accepts(gm, rewrites) if rewrites else (True, 0.0)
+    if ok:
+        for name, outcome, seconds in done:
+            for rw in outcome.rewrites:
+                rw.error = err
+            report.rewrites += outcome.rewrites
+            report.refusals += outcome.refusals
+            report.passes.append(PassSummary(name, len(outcome.rewrites), len(outcome.refusals),
+                                             0, err if outcome.rewrites else 0.0, seconds))
+        return gm
+    log.info("compress: output error %.3g beyond tolerance; verifying pass by pass", err)
+    gm = snapshot
+    for name in passes:
+        gm = _run_pass(name, PASSES[name], gm, ctx, verifier, report)
+    return gm
+
+
 def _run_pass(name, run, gm, ctx, verifier, report) -> fx.GraphModule:
     t0 = time.perf_counter()
     snapshot = copy.deepcopy(gm)
@@ -115,8 +146,8 @@ def _run_pass(name, run, gm, ctx, verifier, report) -> fx.GraphModule:
     report.refusals += outcome.refusals
     rolled = 0
     if outcome.modified:
-        err = verifier.error(gm)
-        if err <= verifier.limit(outcome.rewrites):
+        ok, err = verifier.accepts(gm, outcome.rewrites)
+        if ok:
             for rw in outcome.rewrites:
                 rw.error = err
             report.rewrites += outcome.rewrites
@@ -135,8 +166,8 @@ def _bisect(name, run, gm, ctx, verifier, report, rewrites, known_bad=True):
     if not known_bad:
         trial, outcome = _apply(run, gm, ctx, [r.key for r in rewrites])
         applied = outcome.rewrites
-        err = verifier.error(trial) if outcome.modified else 0.0
-        if err <= verifier.limit(applied or rewrites):
+        ok, err = verifier.accepts(trial, applied or rewrites) if outcome.modified else (True, 0.0)
+        if ok:
             for r in applied:
                 r.error = err
             report.rewrites += applied
@@ -144,7 +175,7 @@ def _bisect(name, run, gm, ctx, verifier, report, rewrites, known_bad=True):
     if len(rewrites) == 1:
         rw = rewrites[0]
         trial, outcome = _apply(run, gm, ctx, [rw.key])
-        rw.error, rw.status = verifier.error(trial), "rolled back"
+        rw.error, rw.status = verifier.accepts(trial, [rw])[1], "rolled back"
         report.rewrites.append(rw)
         report.refusals.append(Refusal(name, rw.key, rw.nodes,
                                        f"rolled back: output error {rw.error:.3g} beyond tolerance",
@@ -170,7 +201,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     allow_approximate apply rewrites that are not exact (kxk o kxk conv merges), checked against
                      approx_tolerance
     cost             "flops" (default) or "latency" (with latency_fn(module, x) -> seconds)
-    verify_batches   calibration batches used to verify each pass (None: all of them)
+    verify_batches   calibration batches used to verify the rewrites (None: all of them); the
+                     final error in the report is measured on all calibration batches
     calibrated       a GraphModule from calibrate() to reuse instead of calibrating again
     """
     unknown = [p for p in passes if p not in PASSES]
@@ -179,25 +211,27 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     if cost not in ("flops", "latency") or (cost == "latency" and latency_fn is None):
         raise CompressError("cost must be 'flops', or 'latency' together with latency_fn")
     inputs = [x.cpu() for x in iter_inputs(calib_loader, max_batches=max_batches, input_key=input_key)]
+    refs: list = []
     original = calibrated if calibrated is not None else calibrate(
-        model, inputs, device=device, progress=progress)
+        model, inputs, device=device, progress=progress, keep_outputs=refs)
     dev = next((p.device for p in original.parameters()), torch.device("cpu"))
     inputs = [x.to(dev) for x in inputs]
+    refs = [_leaves(r) for r in refs] if refs else _reference(original, inputs)
     holdout = [x for x in iter_inputs(holdout_loader, input_key=input_key, device=dev)] \
         if holdout_loader is not None else []
     t0 = time.perf_counter()
     verify = inputs[:verify_batches] if verify_batches else inputs
-    verifier = _Verifier(original, verify, holdout, tolerance, approx_tolerance)
+    verifier = _Verifier(original, verify, refs[:len(verify)], holdout, tolerance,
+                         approx_tolerance)
     example = inputs[0][:1]
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance)
     gm = copy.deepcopy(original)
     unshare(gm)
     ctx = PassContext(example_input=example, allow_approximate=allow_approximate, cost=cost,
                       latency_fn=latency_fn)
-    for name in tqdm(passes, desc="compress", disable=not progress, leave=False):
-        gm = _run_pass(name, PASSES[name], gm, ctx, verifier, report)
+    gm = _run_group(passes, gm, ctx, verifier, report, progress)
     report.after = measure(gm, example)
-    report.max_error = output_error(gm, inputs, _reference(original, inputs))  # float32, as deployed
+    report.max_error = output_error(gm, inputs, refs)  # float32, as deployed
     if holdout:
         report.holdout_error = output_error(gm, holdout, _reference(original, holdout))
     report.seconds = time.perf_counter() - t0

@@ -170,11 +170,10 @@ def _is_zero_const(gm, a) -> bool:
     return isinstance(a, fx.Node) and a.op == "get_attr" and not bool(_attr(gm, a.target).any())
 
 
-def _nonnegative(gm, node, memo) -> bool:
+def _nonnegative(gm, node, memo, modules) -> bool:
     if node in memo:
         return memo[node]
     memo[node] = False
-    modules = dict(gm.named_modules()) if node.op == "call_module" else {}
     kind = activation_kind(node, modules)
     if kind in ("relu", "relu6"):
         ok = True
@@ -183,11 +182,11 @@ def _nonnegative(gm, node, memo) -> bool:
     elif node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd,
                                                         torch.cat, torch.flatten):
         ins = node.all_input_nodes
-        ok = bool(ins) and all(_nonnegative(gm, i, memo) for i in ins)
+        ok = bool(ins) and all(_nonnegative(gm, i, memo, modules) for i in ins)
     elif node.op == "call_module" and isinstance(
             gm.get_submodule(node.target),
             (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity, nn.Flatten)):
-        ok = _nonnegative(gm, node.args[0], memo)
+        ok = _nonnegative(gm, node.args[0], memo, modules)
     else:
         ok = False
     memo[node] = ok
@@ -196,6 +195,7 @@ def _nonnegative(gm, node, memo) -> bool:
 
 def _simplify(gm, ctx, rewrites) -> None:
     memo: dict = {}
+    modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if _is_broadcast(node) and node.target in (operator.add, torch.add, "add", operator.iadd) \
                 and len(node.args) == 2 and ctx.allows(node.name):
@@ -207,10 +207,9 @@ def _simplify(gm, ctx, rewrites) -> None:
                 rewrites.append(Rewrite(NAME, "drop_add", node.name, [node.name], True,
                                         f"{node.name}: adds a zero constant"))
                 continue
-        modules = {node.target: gm.get_submodule(node.target)} if node.op == "call_module" else {}
         if activation_kind(node, modules) == "relu" and ctx.allows(node.name):
             src = node.args[0]
-            if isinstance(src, fx.Node) and _nonnegative(gm, src, memo):
+            if isinstance(src, fx.Node) and _nonnegative(gm, src, memo, modules):
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
                 rewrites.append(Rewrite(NAME, "drop_relu", node.name, [node.name], True,

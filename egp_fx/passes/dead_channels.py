@@ -207,7 +207,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
             remove = {c: k for c, k in remove.items() if k == 0.0}
         keep = [c for c in range(st.num_channels) if c not in remove]
         pmod = gm.get_submodule(prod.target)
-        flops_before = conv_flops(pmod, shape_of(prod))
+        n, m = st.num_channels, len(keep)
+        flops_saved = conv_flops(pmod, shape_of(prod)) * (n - m) // n
+        for u in uses:
+            flops_saved += conv_flops(gm.get_submodule(u.node.target), shape_of(u.node))
         w, b = weight_bias(pmod)
         new_p = with_weights(pmod, w[keep], b[keep] if pmod.bias is not None else None)
         set_module(gm, prod.target, new_p)
@@ -219,9 +222,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
             else:
                 saved += _narrow_consumer(gm, u, remove)
         act.meta[EGP_META_KEY] = select_channels(st, keep)
-        ctx.shapes(gm)
-        flops_saved = flops_before - conv_flops(new_p, shape_of(prod))
-        n, m = st.num_channels, len(keep)
+        for u in uses:  # consumers' output shapes are unchanged but for a narrowed depthwise conv
+            flops_saved -= conv_flops(gm.get_submodule(u.node.target), shape_of(u.node))
+        if any(n.op == "call_function" and n.target is torch.cat for n in gm.graph.nodes):
+            ctx.shapes(gm)  # concat offsets read other inputs' channel counts
         rewrites.append(Rewrite(NAME, "narrow_channels", act.name,
                                 [prod.name, act.name, *(u.node.name for u in uses)], True,
                                 f"{prod.name}: {n - m} constant output channel(s) removed; "

@@ -1,4 +1,4 @@
-"""Constant scale/shift folds (part of pass 5, fold_linear): y = x * s, x + t or x - t, with s, t
+"""Constant scale/shift folds (part of pass 5, fold_linear): y = x * s, x / s, x + t or x - t, with s, t
 constants (get_attr tensors or numbers), next to a Conv2d/Linear.
 
 Into the producer P, y = P(z) * s or P(z) + t, always exact (any groups):
@@ -26,8 +26,8 @@ from .base import PassContext, PassOutcome, Refusal, Rewrite, shape_of
 from .fold_common import PASS, Sweep, fold_to_fixpoint, padding_of
 from .util import weight_bias, with_weights
 
-_OPS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add",
-        operator.sub: "sub", torch.sub: "sub"}
+_OPS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+        operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub"}
 
 
 def _constant(arg, gm: fx.GraphModule) -> torch.Tensor | None:
@@ -40,7 +40,7 @@ def _constant(arg, gm: fx.GraphModule) -> torch.Tensor | None:
 
 
 def _match(node: fx.Node, gm: fx.GraphModule):
-    """(x, constant, op, the constant's get_attr node or None) for y = x op constant."""
+    """(x, c, "mul" or "add", the constant's get_attr node or None) for y = x * c or x + c."""
     op = _OPS.get(node.target) if node.op == "call_function" else None
     if op is None or node.kwargs or len(node.args) != 2:
         return None
@@ -48,11 +48,17 @@ def _match(node: fx.Node, gm: fx.GraphModule):
     ca, cb = _constant(a, gm), _constant(b, gm)
     if isinstance(a, fx.Node) and ca is None and cb is not None:
         x, c, const_arg = a, cb, b
-    elif op != "sub" and isinstance(b, fx.Node) and cb is None and ca is not None:
+    elif op in ("mul", "add") and isinstance(b, fx.Node) and cb is None and ca is not None:
         x, c, const_arg = b, ca, a
     else:
         return None
-    return x, (-c if op == "sub" else c), op, const_arg if isinstance(const_arg, fx.Node) else None
+    if op == "sub":
+        c, op = -c, "add"
+    elif op == "div":
+        if not bool(c.all()):
+            return None
+        c, op = 1.0 / c, "mul"
+    return x, c, op, const_arg if isinstance(const_arg, fx.Node) else None
 
 
 def _per_channel(c: torch.Tensor, y: fx.Node, x: fx.Node, mod: nn.Module, consumer: bool):
@@ -66,7 +72,7 @@ def _per_channel(c: torch.Tensor, y: fx.Node, x: fx.Node, mod: nn.Module, consum
     if len(full) != len(shape) or shape[axis] != n or full[axis] not in (1, n) \
             or any(d != 1 for i, d in enumerate(full) if i != axis):
         return f"constant of shape {tuple(c.shape)} is not per channel"
-    return c.reshape(-1).expand(n).clone()
+    return c.reshape(-1).expand(n).to(mod.weight.device, copy=True)
 
 
 def _into_producer(y, x, c, op, sweep: Sweep):
@@ -112,7 +118,7 @@ def _into_consumer(y, x, c, op, sweep: Sweep):
 
 
 def rule(node: fx.Node, sweep: Sweep) -> Rewrite | Refusal | None:
-    """Rule anchored at the mul/add/sub node: fold the constant into a neighbouring layer."""
+    """Rule anchored at the mul/div/add/sub node: fold the constant into a neighbouring layer."""
     match = _match(node, sweep.gm)
     if match is None or not sweep.ctx.allows(node.name):
         return None

@@ -70,9 +70,9 @@ def _check(x, added, layer, skipped, node, mod, sweep: Sweep) -> str | None:
 def _plus_identity(mod: nn.Module) -> nn.Module:
     w, b = weight_bias(mod)
     if isinstance(mod, nn.Linear):
-        w += torch.eye(w.shape[0], dtype=w.dtype)
+        w += torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
     else:
-        o = torch.arange(mod.out_channels)
+        o = torch.arange(mod.out_channels, device=w.device)
         ah, aw = _centre(mod)
         w[o, o % w.shape[1], ah, aw] += 1.0
     return with_weights(mod, w, b if mod.bias is not None else None)
