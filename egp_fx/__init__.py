@@ -1,6 +1,7 @@
 """egp_fx: make trained networks shallower and faster by deleting dead units and folding linear ones."""
 from .calibrate import calibrate
 from .compress import compress
+from .inspect import Inspection, inspect
 from .errors import CalibrationError, CompressError, EGPError, TraceError
 from .stats import ActivationStats
 from .measures import Totals, measure
@@ -10,6 +11,6 @@ from .tracing import register_leaf_module, register_wrapped_function, trace
 
 __all__ = [
     "ActivationStats", "CalibrationError", "CompressError", "CompressReport", "EGPError",
-    "LayerTable", "Totals", "TraceError", "calibrate", "compress", "layer_stats", "measure",
+    "Inspection", "LayerTable", "Totals", "TraceError", "calibrate", "compress", "inspect", "layer_stats", "measure",
     "register_leaf_module", "register_wrapped_function", "report_of", "trace",
 ]

@@ -237,5 +237,6 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     report.seconds = time.perf_counter() - t0
     gm.meta[REPORT_META_KEY] = report
     gm.meta["egp_original"] = original
+    gm.meta["egp_example_input"] = example
     log.info("compress: %s", report.summary().replace("\n", "; "))
     return gm

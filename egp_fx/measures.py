@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .regions import activation_kind
@@ -66,9 +67,11 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
-    x = example_input[:1]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
+    """FLOPs of one sample, counted on fake tensors (shapes only, no arithmetic)."""
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(example_input[:1])
+        with FlopCounterMode(display=False) as counter:
+            module(x)
     return int(counter.get_total_flops())
 
 
