@@ -56,10 +56,23 @@ class PassContext:
     def shapes(self, gm: fx.GraphModule) -> None:
         """Fill node.meta['tensor_meta'] by running ShapeProp on the example input.
 
-        Runs on fake tensors: shapes and dtypes only, no arithmetic (about 10x cheaper).
+        Runs on fake tensors: shapes and dtypes only, no arithmetic (about 10x cheaper). Skipped
+        when gm still carries the shapes of the last run (compress drops the mark after a pass
+        that modified gm; deep copies keep both the shapes and the mark).
         """
+        if gm.meta.get(SHAPES_MARK):
+            return
+        gm.meta[SHAPES_MARK] = True
+        prop = ShapeProp(gm)  # built outside the fake mode: it would deep-copy gm to fake tensors
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            ShapeProp(gm).propagate(mode.from_tensor(self.example_input))
+            prop.propagate(mode.from_tensor(self.example_input))
+
+
+SHAPES_MARK = "_egp_shapes_valid"
+
+
+def invalidate_shapes(gm: fx.GraphModule) -> None:
+    gm.meta.pop(SHAPES_MARK, None)
 
 
 class PassOutcome(NamedTuple):
@@ -73,6 +86,7 @@ def finish(gm: fx.GraphModule, name: str, rewrites: list[Rewrite],
            refusals: list[Refusal]) -> PassOutcome:
     """Common tail of every pass: clean the graph, check it, regenerate code."""
     if rewrites:
+        invalidate_shapes(gm)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
     gm.graph.lint()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..stats import EGP_META_KEY, ActivationStats, select_channels
-from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, shape_of
+from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, invalidate_shapes, shape_of
 from .util import conv_flops, set_module, weight_bias, with_weights
 
 NAME = "dead_channels"
@@ -225,7 +225,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         for u in uses:  # consumers' output shapes are unchanged but for a narrowed depthwise conv
             flops_saved -= conv_flops(gm.get_submodule(u.node.target), shape_of(u.node))
         if any(n.op == "call_function" and n.target is torch.cat for n in gm.graph.nodes):
-            ctx.shapes(gm)  # concat offsets read other inputs' channel counts
+            invalidate_shapes(gm)  # concat offsets read other inputs' channel counts
+            ctx.shapes(gm)
         rewrites.append(Rewrite(NAME, "narrow_channels", act.name,
                                 [prod.name, act.name, *(u.node.name for u in uses)], True,
                                 f"{prod.name}: {n - m} constant output channel(s) removed; "
