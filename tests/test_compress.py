@@ -12,6 +12,7 @@ from torch import nn
 
 import egp_fx
 from egp_fx.errors import CompressError
+from egp_fx.export import export_onnx
 from plants import fit_bn_statistics, plant_constant, plant_dead, plant_zero_branch, realistic_bn
 
 
@@ -35,6 +36,18 @@ def _assert_same_function(model, gm, batches, tol=1e-5):
                 torch.testing.assert_close(out, ref, rtol=0, atol=t * scale)
 
 
+def _assert_exports(gm, x, tmp_path):
+    """The compressed module exports to ONNX and onnxruntime agrees with torch (batch of 2).
+
+    Tolerance: 1e-4 of the output scale (onnxruntime and torch round differently through a
+    50-layer random network; the same holds for the uncompressed model).
+    """
+    with torch.no_grad():
+        scale = max(float(gm(x[:2]).abs().max()), 1e-3)
+    res = export_onnx(gm, tmp_path / "compressed.onnx", x[:2], rtol=0, atol=1e-4 * scale)
+    assert res.path.exists() and res.max_abs_err <= 1e-4 * scale
+
+
 def _modules_called(gm, cls):
     return [n.target for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)]
@@ -44,7 +57,7 @@ def _unchanged(model, state):
     return all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_resnet18_dead_blocks_dead_channels_linear_relus():
+def test_resnet18_dead_blocks_dead_channels_linear_relus(tmp_path):
     torch.manual_seed(0)
     model = realistic_bn(torchvision.models.resnet18(num_classes=10))
     calib, fresh = _data(3, (8, 3, 64, 64)), _data(2, (8, 3, 64, 64), seed=1)
@@ -59,6 +72,7 @@ def test_resnet18_dead_blocks_dead_channels_linear_relus():
     report = egp_fx.report_of(gm)
 
     _assert_same_function(model, gm, calib + fresh)
+    _assert_exports(gm, calib[0], tmp_path)
     assert _unchanged(model, state)
     convs = _modules_called(gm, nn.Conv2d)
     assert not [c for c in convs if c.startswith(("layer1.1.", "layer3.1.", "layer4.1."))]
@@ -76,7 +90,7 @@ def test_resnet18_dead_blocks_dead_channels_linear_relus():
     assert report.max_error <= 1e-5 and not report.rolled_back
 
 
-def test_resnet50_bottlenecks():
+def test_resnet50_bottlenecks(tmp_path):
     torch.manual_seed(0)
     model = realistic_bn(torchvision.models.resnet50(num_classes=10))
     calib = _data(2, (4, 3, 64, 64))
@@ -90,6 +104,7 @@ def test_resnet50_bottlenecks():
     gm = egp_fx.compress(model, calib, progress=False)
 
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 64, 64), seed=3))
+    _assert_exports(gm, calib[0], tmp_path)
     assert _unchanged(model, state)
     assert not [c for c in _modules_called(gm, nn.Conv2d) if c.startswith("layer2.1.")]
     assert gm.get_submodule("layer3.0.conv2").out_channels == 252
@@ -98,7 +113,7 @@ def test_resnet50_bottlenecks():
     assert (report.before.weighted_depth, report.after.weighted_depth) == (50, 47)
 
 
-def test_mobilenet_v2_relu6_through_depthwise():
+def test_mobilenet_v2_relu6_through_depthwise(tmp_path):
     torch.manual_seed(0)
     model = realistic_bn(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10))
     calib = _data(2, (4, 3, 64, 64))
@@ -110,6 +125,7 @@ def test_mobilenet_v2_relu6_through_depthwise():
     gm = egp_fx.compress(model, calib, progress=False)
 
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 64, 64), seed=4))
+    _assert_exports(gm, calib[0], tmp_path)
     assert gm.get_submodule("features.2.conv.0.0").out_channels == c - 4
     dw = gm.get_submodule("features.2.conv.1.0")
     assert dw.groups == dw.in_channels == dw.out_channels == c - 4
@@ -121,7 +137,7 @@ def _vit(seed=0):
     return timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8).eval()
 
 
-def test_vit_mlp_dead_units_shrink_fc1_and_fc2():
+def test_vit_mlp_dead_units_shrink_fc1_and_fc2(tmp_path):
     model = _vit()
     fc1 = model.blocks[2].mlp.fc1
     with torch.no_grad():
@@ -130,12 +146,13 @@ def test_vit_mlp_dead_units_shrink_fc1_and_fc2():
     calib = _data(2, (4, 3, 32, 32))
     gm = egp_fx.compress(model, calib, progress=False)
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 32, 32), seed=5))
+    _assert_exports(gm, calib[0], tmp_path)
     assert gm.get_submodule("blocks.2.mlp.fc1").out_features == 765
     assert gm.get_submodule("blocks.2.mlp.fc2").in_features == 765
     assert egp_fx.report_of(gm).decisions()["blocks_2_mlp_act"] == "narrowed 768 -> 765"
 
 
-def test_vit_mlp_with_all_units_linear_becomes_one_linear():
+def test_vit_mlp_with_all_units_linear_becomes_one_linear(tmp_path):
     model = _vit()
     fc1 = model.blocks[4].mlp.fc1
     with torch.no_grad():   # LayerNorm output is bounded: |W x| <= 2.7 < 20 - 5.3
@@ -144,6 +161,7 @@ def test_vit_mlp_with_all_units_linear_becomes_one_linear():
     calib = _data(2, (4, 3, 32, 32))
     gm = egp_fx.compress(model, calib, progress=False)
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 32, 32), seed=6), tol=1e-5)
+    _assert_exports(gm, calib[0], tmp_path)
     block4 = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.4.mlp")]
     assert len(block4) == 1
     merged = gm.get_submodule(block4[0].target)
@@ -176,7 +194,7 @@ class _Custom(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
-def test_custom_net_functional_reused_concat_leaky():
+def test_custom_net_functional_reused_concat_leaky(tmp_path):
     torch.manual_seed(0)
     model = realistic_bn(_Custom())
     calib = _data(2, (4, 3, 16, 16))
@@ -187,6 +205,7 @@ def test_custom_net_functional_reused_concat_leaky():
     model.eval()
     gm = egp_fx.compress(model, calib, progress=False)
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 16, 16), seed=7))
+    _assert_exports(gm, calib[0], tmp_path)
     decisions = egp_fx.report_of(gm).decisions()
     assert decisions["relu"] == "narrowed 8 -> 7" and decisions["relu_1"] == "narrowed 8 -> 6"
     assert decisions["leaky"] == "linearised"
