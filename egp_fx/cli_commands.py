@@ -53,6 +53,8 @@ def _compress_options(args) -> dict:
         opts["allow_approximate"] = True
     if args.verify_batches is not None:
         opts["verify_batches"] = args.verify_batches
+    if args.channel_multiple is not None:
+        opts["channel_multiple"] = args.channel_multiple
     if args.device:
         opts["device"] = args.device
     if args.passes:

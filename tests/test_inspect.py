@@ -40,7 +40,7 @@ def _batches(n=3, size=16, seed=1):
 @pytest.fixture(scope="module")
 def planted():
     data = _batches()
-    gm = compress(planted_net(), data, progress=False)
+    gm = compress(planted_net(), data, channel_multiple=1, progress=False)
     return gm, inspect(gm, example_input=data[0], title="planted")
 
 
@@ -339,7 +339,7 @@ def test_large_model_pictures_stay_one_row_per_block(name, tmp_path):
     model = torchvision.models.resnet50() if name == "resnet50" else timm.create_model(name)
     size = 64 if name == "resnet50" else 224
     data = [torch.randn(2, 3, size, size)]
-    gm = compress(model.eval(), data, progress=False)
+    gm = compress(model.eval(), data, channel_multiple=1, progress=False)
     ins = inspect(gm, example_input=data[0])
     fig = ins.figures()["before_after"]
     width, height = fig.get_size_inches()
