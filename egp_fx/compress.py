@@ -194,7 +194,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
              allow_approximate: bool = False, approx_tolerance: float = 1e-2,
              cost: str = "flops", latency_fn: Callable | None = None,
              passes: tuple[str, ...] = DEFAULT_PASSES, verify_batches: int | None = 2,
-             channel_multiple: int = 8,
+             channel_multiple: int = 16,
              progress: bool = True, calibrated: fx.GraphModule | None = None) -> fx.GraphModule:
     """Return a smaller GraphModule computing the same function as `model` on the calibration data.
 
@@ -202,7 +202,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     allow_approximate apply rewrites that are not exact (kxk o kxk conv merges), checked against
                      approx_tolerance
     cost             "flops" (default) or "latency" (with latency_fn(module, x) -> seconds)
-    channel_multiple narrowed widths stay a multiple of this (runtimes block channels by 8/16;
+    channel_multiple narrowed widths stay a multiple of this (runtimes block channels by 16/8;
                      1 removes every dead channel)
     verify_batches   calibration batches used to verify the rewrites (None: all of them); the
                      final error in the report is measured on all calibration batches

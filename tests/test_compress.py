@@ -63,7 +63,7 @@ def test_resnet18_dead_blocks_dead_channels_linear_relus(tmp_path):
     calib, fresh = _data(3, (8, 3, 64, 64)), _data(2, (8, 3, 64, 64), seed=1)
     plant_zero_branch(model.layer1[1])                       # dead blocks: branch adds 0
     plant_zero_branch(model.layer3[1])
-    plant_dead(model.layer2[0].bn1, range(1, 21, 2))         # 10 dead channels: 8 removed
+    plant_dead(model.layer2[0].bn1, range(1, 41, 2))         # 20 dead channels: 16 removed
     plant_constant(model.layer4[1].bn2, range(512), 1.0)     # relu(x + 1), x >= 0: linear ReLU
     fit_bn_statistics(model, calib)
     state = copy.deepcopy(model.state_dict())
@@ -77,11 +77,11 @@ def test_resnet18_dead_blocks_dead_channels_linear_relus(tmp_path):
     convs = _modules_called(gm, nn.Conv2d)
     assert not [c for c in convs if c.startswith(("layer1.1.", "layer3.1.", "layer4.1."))]
     assert len(convs) == 20 - 6
-    assert gm.get_submodule("layer2.0.conv1").out_channels == 120    # a multiple of 8
-    assert gm.get_submodule("layer2.0.conv2").in_channels == 120
+    assert gm.get_submodule("layer2.0.conv1").out_channels == 112    # a multiple of 16
+    assert gm.get_submodule("layer2.0.conv2").in_channels == 112
     assert not _modules_called(gm, nn.BatchNorm2d)
     decisions = report.decisions()
-    assert decisions["layer2_0_relu"] == "narrowed 128 -> 120"
+    assert decisions["layer2_0_relu"] == "narrowed 128 -> 112"
     assert decisions["layer1_1_relu_1"].startswith("removed")
     assert decisions["layer4_1_relu_1"] == "removed (input is non-negative)"
     assert (report.before.weighted_depth, report.after.weighted_depth) == (18, 12)
@@ -97,7 +97,7 @@ def test_resnet50_bottlenecks(tmp_path):
     block = model.layer2[1]
     plant_dead(block.bn1, range(block.bn1.num_features))      # whole bottleneck dead ...
     plant_constant(block.bn3, range(block.bn3.num_features), 0.0)   # ... adding exactly 0
-    plant_dead(model.layer3[0].bn2, range(0, 16, 2))          # 3x3 -> relu -> 1x1 conv3
+    plant_dead(model.layer3[0].bn2, range(0, 32, 2))          # 3x3 -> relu -> 1x1 conv3
     fit_bn_statistics(model, calib)
     state = copy.deepcopy(model.state_dict())
 
@@ -107,8 +107,8 @@ def test_resnet50_bottlenecks(tmp_path):
     _assert_exports(gm, calib[0], tmp_path)
     assert _unchanged(model, state)
     assert not [c for c in _modules_called(gm, nn.Conv2d) if c.startswith("layer2.1.")]
-    assert gm.get_submodule("layer3.0.conv2").out_channels == 248
-    assert gm.get_submodule("layer3.0.conv3").in_channels == 248
+    assert gm.get_submodule("layer3.0.conv2").out_channels == 240
+    assert gm.get_submodule("layer3.0.conv3").in_channels == 240
     report = egp_fx.report_of(gm)
     assert (report.before.weighted_depth, report.after.weighted_depth) == (50, 47)
 
@@ -118,7 +118,7 @@ def test_mobilenet_v2_relu6_through_depthwise(tmp_path):
     model = realistic_bn(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10))
     calib = _data(2, (4, 3, 64, 64))
     expand_bn = model.features[2].conv[0][1]                  # 1x1 expand -> BN -> ReLU6 -> dw 3x3
-    plant_dead(expand_bn, [0, 1, 2, 10, 11, 12, 20, 30])
+    plant_dead(expand_bn, [0, 1, 2, 10, 11, 12, 20, 30, 31, 32, 33, 34, 40, 41, 42, 47])
     fit_bn_statistics(model, calib)
     c = expand_bn.num_features
 
@@ -126,10 +126,10 @@ def test_mobilenet_v2_relu6_through_depthwise(tmp_path):
 
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 64, 64), seed=4))
     _assert_exports(gm, calib[0], tmp_path)
-    assert gm.get_submodule("features.2.conv.0.0").out_channels == c - 8
+    assert gm.get_submodule("features.2.conv.0.0").out_channels == c - 16
     dw = gm.get_submodule("features.2.conv.1.0")
-    assert dw.groups == dw.in_channels == dw.out_channels == c - 8
-    assert gm.get_submodule("features.2.conv.2").in_channels == c - 8
+    assert dw.groups == dw.in_channels == dw.out_channels == c - 16
+    assert gm.get_submodule("features.2.conv.2").in_channels == c - 16
 
 
 def _vit(seed=0):
@@ -141,15 +141,15 @@ def test_vit_mlp_dead_units_shrink_fc1_and_fc2(tmp_path):
     model = _vit()
     fc1 = model.blocks[2].mlp.fc1
     with torch.no_grad():
-        fc1.weight[[3, 100, 500, 501, 502, 600, 700, 767]] = 0.0
-        fc1.bias[[3, 100, 500, 501, 502, 600, 700, 767]] = -10.0
+        fc1.weight[list(range(3, 768, 48))] = 0.0              # 16 units
+        fc1.bias[list(range(3, 768, 48))] = -10.0
     calib = _data(2, (4, 3, 32, 32))
     gm = egp_fx.compress(model, calib, progress=False)
     _assert_same_function(model, gm, calib + _data(1, (4, 3, 32, 32), seed=5))
     _assert_exports(gm, calib[0], tmp_path)
-    assert gm.get_submodule("blocks.2.mlp.fc1").out_features == 760
-    assert gm.get_submodule("blocks.2.mlp.fc2").in_features == 760
-    assert egp_fx.report_of(gm).decisions()["blocks_2_mlp_act"] == "narrowed 768 -> 760"
+    assert gm.get_submodule("blocks.2.mlp.fc1").out_features == 752
+    assert gm.get_submodule("blocks.2.mlp.fc2").in_features == 752
+    assert egp_fx.report_of(gm).decisions()["blocks_2_mlp_act"] == "narrowed 768 -> 752"
 
 
 def test_vit_mlp_with_all_units_linear_becomes_one_linear(tmp_path):
@@ -284,17 +284,19 @@ def test_rewrite_beyond_tolerance_is_rolled_back():
     _assert_same_function(model, gm, calib + holdout)
 
 
-def test_dead_channels_keep_widths_a_multiple_of_eight():
+def test_dead_channels_keep_widths_a_multiple_of_sixteen():
     model = _Leakyless()
     plant_dead(model.bn, [0, 1, 2])                    # 32 -> 29 would be padded back to 32
     calib = _data(2, (2, 3, 8, 8))
     kept = egp_fx.report_of(egp_fx.compress(model, calib, progress=False))
-    assert any("multiple of 8" in r.reason for r in kept.refusals)
+    assert any("multiple of 16" in r.reason for r in kept.refusals)
     assert not [r for r in kept.applied if r.kind == "narrow_channels"]
-    plant_dead(model.bn, range(3, 12))                 # 12 dead: 32 -> 24, zero channels first
+    plant_dead(model.bn, range(3, 17))                 # 17 dead: 32 -> 16, one dead one kept
     gm = egp_fx.compress(model, calib, progress=False)
-    assert gm.get_submodule("conv").out_channels == 24
-    assert egp_fx.report_of(gm).decisions()["relu"] == "narrowed 32 -> 24"
+    assert gm.get_submodule("conv").out_channels == 16
+    assert egp_fx.report_of(gm).decisions()["relu"] == "narrowed 32 -> 16"
+    exact = egp_fx.compress(model, calib, channel_multiple=1, progress=False)
+    assert exact.get_submodule("conv").out_channels == 15
 
 
 class _Leakyless(nn.Module):

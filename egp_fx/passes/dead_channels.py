@@ -8,8 +8,9 @@ dead ReLU/GELU unit, 6 for a saturated ReLU6 unit), then
   (Linear, or conv with padding 0) and no op in between, so constant channels are kept otherwise.
 Consumers may sit behind channel-preserving ops (pooling, dropout, identity), flatten (channel c
 maps to c*S..(c+1)*S-1 for S spatial positions) and concatenation along the channel axis (an
-offset). Widths are rounded to a multiple of 8 (ctx.options["channel_multiple"]; runtimes block
-channels, so 61 channels run slower than 64). A depthwise consumer is narrowed with it; its own output channel c then carries the
+offset). Widths are rounded to a multiple of 16 (ctx.options["channel_multiple"]): runtimes
+block channels (onnxruntime's NCHWc kernels by 16 with AVX-512, 8 with AVX2), so a conv cut from
+128 to 123 channels is padded back and runs slower than at 128. A depthwise consumer is narrowed with it; its own output channel c then carries the
 constant act(b_dw[c]), which the 1x1 conv after it absorbs into its bias (exact: no padding).
 """
 from __future__ import annotations
@@ -191,8 +192,7 @@ def _narrow_depthwise(gm, use: _Use, remove: dict[int, float]) -> int:
 def _aligned(remove: dict[int, float], n: int, multiple: int) -> dict[int, float]:
     """Keep enough removable channels that the width stays a multiple of `multiple`.
 
-    Runtimes block channels (onnxruntime's NCHWc layout uses 8 or 16): a conv narrowed from 64
-    to 61 channels is padded back and runs slower than at 64. Zero channels are dropped first,
+    Zero channels are dropped first,
     constant ones (whose removal changes a bias) last. multiple <= 1 disables the rounding.
     """
     if multiple <= 1 or n % multiple:
@@ -221,12 +221,12 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         if any(gm.get_submodule(u.node.target).groups != 1 for u in uses
                if isinstance(gm.get_submodule(u.node.target), nn.Conv2d)):
             remove = {c: k for c, k in remove.items() if k == 0.0}
-        remove = _aligned(remove, st.num_channels, ctx.options.get("channel_multiple", 8))
+        remove = _aligned(remove, st.num_channels, ctx.options.get("channel_multiple", 16))
         if not remove:
             refusals.append(Refusal(NAME, act.name, [act.name],
                                     "dead channels kept: removing them would not shrink the width "
                                     "below the next multiple of "
-                                    f"{ctx.options.get('channel_multiple', 8)}", activation=act.name))
+                                    f"{ctx.options.get('channel_multiple', 16)}", activation=act.name))
             continue
         keep = [c for c in range(st.num_channels) if c not in remove]
         pmod = gm.get_submodule(prod.target)

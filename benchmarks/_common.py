@@ -1,0 +1,55 @@
+"""Shared by the benchmark scripts: the header of the results, writing JSON and markdown."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from egp_fx.bench import environment
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    """The command as typed from the repository root (PYTHONPATH shown when set)."""
+    env = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " \
+        if os.environ.get("PYTHONPATH") else ""
+    exe = Path(sys.executable)
+    try:
+        exe = exe.relative_to(Path.cwd())  # .venv/bin/python from the repository root
+    except ValueError:
+        exe = Path(exe.name)
+    return env + " ".join(shlex.quote(str(a)) for a in [exe, *sys.argv])
+
+
+def header(title: str, threads: int | None = None) -> tuple[str, dict]:
+    """Markdown header (title, exact command, machine, versions) and the same as a dict."""
+    env = environment(threads)
+    machine = (f"{env['cpu_model']}, {env['logical_cpus']} logical CPUs (load average "
+               f"{env['load_average_1_5_15min'][0]} when the run started)"
+               + (f", GPU {env['gpu']} (CUDA {env['cuda']})" if env.get("gpu") else ""))
+    text = "\n".join([
+        f"# {title}", "",
+        f"Command: `{command_line()}`", "",
+        f"Machine: {machine}; {env['platform']}", "",
+        f"Software: python {env['python']}, torch {env['torch']}, onnxruntime "
+        f"{env['onnxruntime']}, onnx {env['onnx']}; run {env['date']}", ""])
+    return text, {"command": command_line(), "environment": env}
+
+
+def write(stem: str, payload: dict, markdown: str, folder: Path = RESULTS) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path.write_text(markdown)
+    logging.getLogger(stem).info("wrote %s and %s", json_path, md_path)
+    return json_path, md_path
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

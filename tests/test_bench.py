@@ -1,0 +1,195 @@
+"""benchmark(): well-formed rows, skips with reasons, JSON / markdown / PNG outputs.
+
+No assertion is made about how fast anything is: only that times are positive finite numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from egp_fx.bench import BenchResult, BenchRow, benchmark
+from egp_fx.measures import count_flops, count_params
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+def smaller() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> BenchResult:
+    models = {"original": tiny(), "compressed": fx.symbolic_trace(smaller())}
+    return benchmark(models, torch.randn(1, 3, 16, 16), batch_sizes=(1, 3),
+                     backends=("ort-cpu", "torch-cpu", "ort-cuda"), repeats=2, warmup=1,
+                     threads=1, torch_variants=("fp32",),
+                     workdir=tmp_path_factory.mktemp("bench"))
+
+
+def test_rows_cover_every_model_backend_and_batch(result):
+    cells = {(r.model, r.backend, r.variant, r.batch_size) for r in result.rows}
+    assert cells == {(m, b, v, n) for m in ("original", "compressed")
+                     for b, v in (("ort-cpu", "opt-all"), ("torch-cpu", "fp32")) for n in (1, 3)}
+    assert len(result.rows) == 8
+    assert result.rows[0].model == "original"  # models are reported in the order given
+
+
+def test_times_are_positive_finite(result):
+    for row in result.rows:
+        assert isinstance(row, BenchRow)
+        assert math.isfinite(row.median_ms) and row.median_ms > 0
+        assert math.isfinite(row.p90_ms) and row.p90_ms >= row.median_ms
+        assert math.isfinite(row.speedup) and row.speedup > 0
+
+
+def test_speedup_is_relative_to_the_first_model(result):
+    for row in result.rows:
+        ref = next(r for r in result.rows if r.model == "original" and
+                   (r.backend, r.variant, r.batch_size) == (row.backend, row.variant,
+                                                             row.batch_size))
+        assert row.speedup == pytest.approx(ref.median_ms / row.median_ms, rel=1e-12)
+        if row.model == "original":
+            assert row.speedup == 1.0
+
+
+def test_sizes_come_from_measures_at_batch_1(result):
+    x = torch.randn(1, 3, 16, 16)
+    for name, model, depth in (("original", tiny(), 3), ("compressed", smaller(), 2)):
+        row = next(r for r in result.rows if r.model == name)
+        assert row.params == count_params(model)
+        assert row.flops == count_flops(model, x)
+        assert row.layers_on_longest_path == depth
+        assert row.nonlinear_on_longest_path == depth - 1
+
+
+def test_missing_backends_are_skipped_with_a_reason(result):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    assert result.skipped == [{"model": "*", "backend": "ort-cuda", "variant": "*",
+                               "reason": "onnxruntime has no CUDAExecutionProvider "
+                                         "(install onnxruntime-gpu)"}]
+
+
+def test_environment_and_settings_are_recorded(result):
+    env = result.environment
+    for key in ("torch", "onnxruntime", "onnx", "python", "cpu_model", "logical_cpus", "date"):
+        assert env[key], key
+    assert env["torch"] == torch.__version__
+    assert result.settings["ort_allow_spinning"] == 0  # two models interleaved
+    assert result.settings["threads"] == 1
+    assert result.settings["order"] == "round-robin"
+
+
+def test_json_round_trip(result, tmp_path):
+    data = json.loads(result.to_json(tmp_path / "r.json").read_text())
+    assert [r["model"] for r in data["rows"]] == [r.model for r in result.rows]
+    assert data["rows"][0]["median_ms"] == result.rows[0].median_ms
+    assert set(data) == {"environment", "settings", "rows", "skipped", "files"}
+    assert set(data["files"]) == {"original", "compressed"}
+
+
+def test_markdown_table(result):
+    text = result.to_markdown()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(result.rows)  # header, separator, one line per row
+    assert all(line.count("|") == 11 for line in table)
+    assert "| compressed | ort-cpu | opt-all | 3 |" in text
+    assert "ort-cuda" in text.split("Skipped:")[1]
+    assert result.environment["cpu_model"] in text
+
+
+def test_plot_writes_a_png(result, tmp_path):
+    path = result.plot(tmp_path / "latency.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_callable_inputs_and_onnx_files(tmp_path):
+    onnx_path = tmp_path / "given.onnx"
+    from egp_fx.export import export_onnx
+
+    export_onnx(tiny(), onnx_path, torch.randn(1, 3, 16, 16))
+    calls = []
+
+    def make(batch):
+        calls.append(batch)
+        return torch.randn(batch, 3, 16, 16)
+
+    res = benchmark({"file": onnx_path, "module": tiny()}, make, batch_sizes=(2,),
+                    backends=("ort-cpu", "torch-cpu"), repeats=1, warmup=0,
+                    torch_variants=("fp32",), save_ort_optimized=True, workdir=tmp_path)
+    assert 2 in calls
+    assert {(r.model, r.backend) for r in res.rows} == {("file", "ort-cpu"), ("module", "ort-cpu"),
+                                                        ("module", "torch-cpu")}
+    file_row = next(r for r in res.rows if r.model == "file")
+    assert file_row.params == count_params(tiny()) and file_row.flops is None
+    assert {"model": "file", "backend": "torch-cpu", "variant": "fp32",
+            "reason": "given as an ONNX file"} in res.skipped
+    assert (tmp_path / "module.ort-all.onnx").is_file()
+    torch_row = next(r for r in res.rows if r.backend == "torch-cpu")
+    assert torch_row.speedup is None  # the reference model has no torch-cpu row
+
+
+class NoHalf(nn.Module):
+    def forward(self, x):
+        if x.dtype == torch.float16:
+            raise RuntimeError("no fp16 here")
+        return x * 2
+
+
+def test_a_model_that_fails_a_variant_is_skipped_not_fatal():
+    res = benchmark({"ref": nn.Identity(), "nohalf": NoHalf()}, torch.randn(1, 4),
+                    backends=("torch-cpu",), torch_variants=("fp32", "fp16", "fp16+cudagraph"),
+                    repeats=1, warmup=0)
+    assert {(r.model, r.variant) for r in res.rows} == {("ref", "fp32"), ("nohalf", "fp32"),
+                                                        ("ref", "fp16")}
+    assert {"model": "nohalf", "backend": "torch-cpu", "variant": "fp16 batch 1",
+            "reason": "RuntimeError: no fp16 here"} in res.skipped
+    assert {"model": "*", "backend": "torch-cpu", "variant": "fp16+cudagraph",
+            "reason": "CUDA graphs need a GPU"} in res.skipped
+    assert "ort_allow_spinning" not in res.settings  # no ORT backend ran
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backends"):
+        benchmark({"m": tiny()}, torch.randn(1, 3, 8, 8), backends=("tpu",))
+    with pytest.raises(ValueError, match="batch-1 tensor"):
+        benchmark({"m": tiny()}, torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="ort_optimization"):
+        benchmark({"m": tiny()}, torch.randn(1, 3, 8, 8), ort_optimization="max")
+    with pytest.raises(ValueError, match="torch variants"):
+        benchmark({"m": tiny()}, torch.randn(1, 3, 8, 8), torch_variants=("int8",))
+    with pytest.raises(ValueError, match="at least one model"):
+        benchmark({}, torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_bench.py end to end, tiny sizes: the GPU run is one shot, keep it sound."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "benchmarks/gpu_bench.py", str(tmp_path), "--device", "cpu",
+                    "--dry-run"], check=True, cwd=root, capture_output=True)
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert data["failed"] == []
+    assert [run["case"] for run in data["runs"]] == ["resnet18-k2", "vit-linear"]
+    for run in data["runs"]:
+        assert {r["variant"] for r in run["rows"]} == {"fp32"}
+        assert {r["batch_size"] for r in run["rows"]} == {1, 2}
+    assert "| compressed | torch-cpu | fp32 | 2 |" in (tmp_path / "gpu_bench.md").read_text()
