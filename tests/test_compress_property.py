@@ -100,5 +100,8 @@ def test_compress_is_exact_and_never_adds_flops(blocks, plants, seed):
     with torch.no_grad():
         for x in calib + fresh:
             ref, out = m64(x.double()), g64(x.double())
+            # the tolerance compress uses: 1e-5 of the output scale, or 10x the original
+            # model's own float32 rounding noise where its output nearly cancels
+            noise = float((model(x).double() - ref).abs().max())
             scale = float(ref.abs().max())
-            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * max(scale, 1e-6))
+            torch.testing.assert_close(out, ref, rtol=0, atol=max(1e-5 * scale, 10 * noise, 1e-12))
