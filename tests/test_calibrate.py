@@ -246,3 +246,21 @@ def test_layer_table_prints_and_converts_to_json():
     assert set(row) >= {"node", "kind", "channels", "dead", "linear", "egp_entropy",
                         "easier_entropy", "state"}
     assert row["node"] == "act" and row["channels"] == 8
+
+
+def test_counts_match_a_direct_computation_on_a_large_batch():
+    """More than 255 samples per batch (the uint8 count is chunked) and odd sizes."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU6())
+    x = torch.randn(300, 3, 5, 7)
+    st = next(n for n in egp_fx.calibrate(model, [x, x[:7]], progress=False).graph.nodes
+              if "egp" in n.meta).meta["egp"]
+    with torch.no_grad():
+        z = torch.cat([conv(x), conv(x[:7])])
+    assert st.n == 307 * 35
+    assert st.on.tolist() == (z > 0).sum((0, 2, 3)).tolist()
+    assert st.low.tolist() == (z <= 0).sum((0, 2, 3)).tolist()
+    assert st.high.tolist() == (z >= 6).sum((0, 2, 3)).tolist()
+    assert st.zmin.tolist() == z.amin((0, 2, 3)).tolist()
+    assert st.zmax.tolist() == z.amax((0, 2, 3)).tolist()
