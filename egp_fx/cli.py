@@ -85,7 +85,7 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=float, help="relative output error allowed (default 1e-5)")
     g.add_argument("--allow-approximate", action="store_true", help="apply inexact rewrites too")
     g.add_argument("--passes", help="comma-separated pass names (default: all, in order)")
-    g.add_argument("--verify-batches", type=int, help="batches used to verify each pass")
+    g.add_argument("--verify-samples", type=int, help="calibration samples used to verify (default 8)")
     g.add_argument("--channel-multiple", type=int,
                    help="keep narrowed widths a multiple of this (default 16; 1 = exact count)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")

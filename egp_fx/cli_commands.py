@@ -51,8 +51,8 @@ def _compress_options(args) -> dict:
         opts["tolerance"] = args.tolerance
     if args.allow_approximate:
         opts["allow_approximate"] = True
-    if args.verify_batches is not None:
-        opts["verify_batches"] = args.verify_batches
+    if args.verify_samples is not None:
+        opts["verify_samples"] = args.verify_samples
     if args.channel_multiple is not None:
         opts["channel_multiple"] = args.channel_multiple
     if args.device:
