@@ -201,6 +201,9 @@ def _fail(err: BaseException, code: int, args, as_json: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv[1:2]):
+        from .demo import main as demo_main  # its options are its own (egp-fx demo --help)
+        return demo_main(argv[1:])
     as_json, args = "--json" in argv, None
     try:
         args = build_parser().parse_args(argv)
