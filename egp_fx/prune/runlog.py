@@ -1,0 +1,108 @@
+"""What prune() records per iteration, and how a run is stored in out_dir.
+
+    out_dir/log.json              {"method", "ratio", "finetune", "prunable_layers", "records": [...]}
+    out_dir/iter_{i}.safetensors  the model's state_dict after iteration i (plain weights, zeros
+                                  where pruned: the masks are the zeros)
+
+Iteration 0 is the model as given (no checkpoint: the caller holds it). A run resumes from the
+last record whose checkpoint exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import PruneError
+
+LOG_NAME = "log.json"
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    method: str
+    accuracy: float | None                 # validation top-1 (None without val_loader)
+    sparsity: float                        # zero fraction of the prunable weights
+    sparsity_all: float                    # zero fraction of all conv/linear weights
+    nonzero_params: int                    # over all parameters
+    params: int
+    budget: int                            # weights pruned this iteration (B)
+    pruned: dict[str, int]                 # per prunable layer
+    emptied: list[str]                     # layers whose last weights went this iteration
+    excluded: dict[str, str]               # layer -> why it was not in the pool
+    layers: list[dict]                     # per prunable layer: weights, nonzero, entropy
+    activations: list[dict]                # per activation call: entropies, dead/linear, state
+    zero_entropy_layers: int               # activation calls with EGP entropy 0
+    off_layers: int                        # ... with all channels dead (always OFF)
+    on_layers: int                         # ... with all channels linear (always ON)
+    activation_layers: int                 # all activation calls (17 in ResNet-18)
+    compress: dict | None = None           # what egp_fx.compress removes (None: not measured)
+    train: list[dict] = field(default_factory=list)   # fine-tuning history
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (plain weights, zeros where pruned) and the per-iteration log."""
+
+    model: nn.Module
+    log: list[IterationRecord]
+    out_dir: Path | None = None
+
+    @property
+    def final(self) -> IterationRecord:
+        return self.log[-1]
+
+
+def checkpoint_path(out_dir: Path, iteration: int) -> Path:
+    return out_dir / f"iter_{iteration}.safetensors"
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        model.load_state_dict(load_file(str(path), device=str(device)))
+    except RuntimeError as err:
+        raise PruneError(f"checkpoint {path} does not fit the model: {err}") from err
+
+
+def write_log(out_dir: Path, header: dict, records: list[IterationRecord]) -> None:
+    doc = {**header, "records": [asdict(r) for r in records]}
+    tmp = out_dir / (LOG_NAME + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out_dir / LOG_NAME)
+
+
+def read_finished(out_dir: Path, header: dict) -> list[IterationRecord]:
+    """The records of a previous run in out_dir up to the last one with a checkpoint."""
+    path = out_dir / LOG_NAME
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    for key in ("method", "ratio", "prunable_layers"):
+        if doc.get(key) != header.get(key):
+            raise PruneError(f"cannot resume from {path}: its {key} is {doc.get(key)!r}, this run's "
+                             f"is {header.get(key)!r}; use another out_dir")
+    records = []
+    for d in doc["records"]:
+        i = d["iteration"]
+        if i > 0 and not checkpoint_path(out_dir, i).exists():
+            break
+        records.append(IterationRecord(**d))
+    return records
