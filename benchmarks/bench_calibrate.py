@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    load = round(os.getloadavg()[0], 2)
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     data = [torch.randn(args.batch_size, 3, 224, 224) for _ in range(args.batches)]
@@ -69,11 +71,12 @@ def main() -> None:
         "forward_s": t_fwd, "calibrate_s": t_cal,
         "forward_median_s": fwd, "calibrate_median_s": cal, "ratio": cal / fwd, "target": 1.15,
     }
+    record["machine"]["load_average_at_start"] = load
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "calibrate_cpu.json").write_text(json.dumps(record, indent=2))
     md = (f"# Calibration cost vs plain forward\n\n`{record['command']}`\n\n"
           f"Machine: {record['machine']['cpu']}, {record['machine']['threads']} threads, "
-          f"torch {torch.__version__}\n\n"
+          f"torch {torch.__version__}; 1-min load average at start {load}\n\n"
           f"| model | batch | batches | forward (s, median) | calibrate (s, median) | ratio | target |\n"
           f"|---|---|---|---|---|---|---|\n"
           f"| resnet18 | {args.batch_size} | {args.batches} | {fwd:.3f} | {cal:.3f} | "
