@@ -21,18 +21,9 @@ import torch
 import torchvision
 
 import egp_fx
+from egp_fx.bench import environment
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -65,7 +56,7 @@ def main() -> None:
     fwd, cal = statistics.median(t_fwd), statistics.median(t_cal)
     record = {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": environment()["cpu_model"], "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "model": "resnet18", "batch_size": args.batch_size, "batches": args.batches,
         "forward_s": t_fwd, "calibrate_s": t_cal,

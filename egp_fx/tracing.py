@@ -12,7 +12,6 @@ import copy
 import logging
 from typing import Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 

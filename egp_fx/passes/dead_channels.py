@@ -22,7 +22,7 @@ from torch import nn
 
 from ..stats import EGP_META_KEY, ActivationStats, select_channels
 from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, invalidate_shapes, shape_of
-from .util import conv_flops, set_module, weight_bias, with_weights
+from .util import calls_per_module, conv_flops, set_module, weight_bias, with_weights
 
 NAME = "dead_channels"
 _KEEP_CHANNELS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -38,14 +38,6 @@ class _Use:
 
     def indices(self, c: int) -> range:
         return range(self.offset + c * self.span, self.offset + (c + 1) * self.span)
-
-
-def _calls(gm) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            out[n.target] = out.get(n.target, 0) + 1
-    return out
 
 
 def _is_flatten(gm, n: fx.Node) -> bool:
@@ -205,7 +197,7 @@ def _aligned(remove: dict[int, float], n: int, multiple: int) -> dict[int, float
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     rewrites, refusals = [], []
-    calls = _calls(gm)
+    calls = calls_per_module(gm)
     ctx.shapes(gm)
     for act in list(gm.graph.nodes):
         st = act.meta.get(EGP_META_KEY)

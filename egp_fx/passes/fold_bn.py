@@ -16,18 +16,10 @@ import torch.fx as fx
 from torch import nn
 
 from .base import PassContext, PassOutcome, Refusal, Rewrite, finish
-from .util import set_module, weight_bias, with_weights
+from .util import calls_per_module, set_module, weight_bias, with_weights
 
 NAME = "fold_bn"
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _calls_per_module(gm: fx.GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            counts[n.target] = counts.get(n.target, 0) + 1
-    return counts
 
 
 def _check(gm, bn_node, calls) -> tuple[fx.Node | None, str | None]:
@@ -52,7 +44,7 @@ def _check(gm, bn_node, calls) -> tuple[fx.Node | None, str | None]:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     rewrites, refusals = [], []
-    calls = _calls_per_module(gm)
+    calls = calls_per_module(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN):
             continue

@@ -17,17 +17,9 @@ from torch import nn
 
 from ..stats import EGP_META_KEY, ActivationStats
 from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, shape_of
-from .util import add_constant, set_module, weight_bias, with_weights
+from .util import calls_per_module, add_constant, set_module, weight_bias, with_weights
 
 NAME = "linear_units"
-
-
-def _calls(gm) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            out[n.target] = out.get(n.target, 0) + 1
-    return out
 
 
 def _broadcast_shape(st: ActivationStats, ndim: int) -> list[int]:
@@ -67,7 +59,7 @@ def _explicit(gm, act, st, a, o) -> None:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     rewrites, refusals = [], []
-    calls = _calls(gm)
+    calls = calls_per_module(gm)
     ctx.shapes(gm)
     for act in list(gm.graph.nodes):
         st = act.meta.get(EGP_META_KEY)

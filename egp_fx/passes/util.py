@@ -34,6 +34,15 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str) -> str:
     return name
 
 
+def calls_per_module(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call_module nodes call each module target (a rewrite must not touch a shared one)."""
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out[n.target] = out.get(n.target, 0) + 1
+    return out
+
+
 def single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
