@@ -8,6 +8,7 @@ The records end up in node.meta["egp"] of the returned, uninstrumented GraphModu
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -46,9 +47,8 @@ def _instrument(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator]) -
     graph.output(graph.graph_copy(gm.graph, val_map))
     root: dict[str, object] = {}
     for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            root[node.target] = gm.get_submodule(node.target) if node.op == "call_module" \
-                else _fetch_attr(gm, node.target)
+        if node.op in ("call_module", "get_attr"):  # submodules and tensors, by dotted path
+            root[node.target] = operator.attrgetter(node.target)(gm)
     by_name = {n.name: n for n in graph.nodes}
     for i, (name, acc) in enumerate(accumulators.items()):
         node = by_name[name]
@@ -57,13 +57,6 @@ def _instrument(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator]) -
         with graph.inserting_before(node):
             graph.call_module(target, (activation_input(node),))
     return fx.GraphModule(root, graph)
-
-
-def _fetch_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _failing_node(gm: fx.GraphModule, x: torch.Tensor) -> str | None:

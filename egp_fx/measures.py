@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -73,16 +72,6 @@ def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
         with FlopCounterMode(display=False) as counter:
             module(x)
     return int(counter.get_total_flops())
-
-
-def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
-    """The fx graph as a DiGraph (node name -> op/target), edges from inputs to users."""
-    g = nx.DiGraph()
-    for node in gm.graph.nodes:
-        g.add_node(node.name, op=node.op, target=str(node.target))
-        for inp in node.all_input_nodes:
-            g.add_edge(inp.name, node.name)
-    return g
 
 
 def longest_path_count(gm: fx.GraphModule, predicate) -> int:

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..regions import activation_kind
+from ..regions import NONNEGATIVE_KINDS, activation_kind
 from ..stats import EGP_META_KEY, ActivationStats
 from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, shape_of
 from .util import add_constant, params_of
@@ -106,7 +106,7 @@ def _closure(gm, seed: fx.Node) -> tuple[list[fx.Node], str | None]:
 
 def _evaluate(gm, node: fx.Node, env: dict) -> torch.Tensor:
     load = lambda a: env[a] if isinstance(a, fx.Node) and a in env else (  # noqa: E731
-        _attr(gm, a.target) if isinstance(a, fx.Node) else a)
+        operator.attrgetter(a.target)(gm) if isinstance(a, fx.Node) else a)
     args = fx.node.map_aggregate(node.args, load)
     kwargs = fx.node.map_aggregate(node.kwargs, load)
     with torch.no_grad():
@@ -115,13 +115,6 @@ def _evaluate(gm, node: fx.Node, env: dict) -> torch.Tensor:
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _compact(v: torch.Tensor) -> torch.Tensor:
@@ -167,7 +160,8 @@ def _seed(gm, node, ctx, rewrites, refusals, done: set) -> None:
 
 
 def _is_zero_const(gm, a) -> bool:
-    return isinstance(a, fx.Node) and a.op == "get_attr" and not bool(_attr(gm, a.target).any())
+    return isinstance(a, fx.Node) and a.op == "get_attr" \
+        and not bool(operator.attrgetter(a.target)(gm).any())
 
 
 def _nonnegative(gm, node, memo, modules) -> bool:
@@ -175,10 +169,10 @@ def _nonnegative(gm, node, memo, modules) -> bool:
         return memo[node]
     memo[node] = False
     kind = activation_kind(node, modules)
-    if kind in ("relu", "relu6"):
+    if kind in NONNEGATIVE_KINDS:
         ok = True
     elif node.op == "get_attr":
-        ok = bool((_attr(gm, node.target) >= 0).all())
+        ok = bool((operator.attrgetter(node.target)(gm) >= 0).all())
     elif node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd,
                                                         torch.cat, torch.flatten):
         ins = node.all_input_nodes
