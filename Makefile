@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the mutation check of the test suite (slow: not part of `make test`)
+mutants: $(STAMP)
+	$(PY) tests/mutants.py --out benchmarks/results/mutants.md
 
 demo: $(STAMP)
 	$(PY) -m egp_fx demo

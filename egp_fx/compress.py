@@ -29,7 +29,6 @@ from typing import Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .calibrate import calibrate
@@ -40,6 +39,7 @@ from .passes import PASSES
 from .passes.base import PassContext, Refusal
 from .passes.cleanup import unshare
 from .report import REPORT_META_KEY, CompressReport, PassSummary
+from .verify import ErrorMeter, tensor_leaves
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +47,27 @@ DEFAULT_PASSES = ("cleanup", "fold_bn", "constants", "dead_channels", "linear_un
                   "fold_linear", "constants", "cleanup")
 
 
-def _leaves(out) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+_leaves = tensor_leaves
 
 
-def output_error(gm: nn.Module, inputs: list[torch.Tensor], refs: list[list[torch.Tensor]]) -> float:
-    """max |y - y_ref| / max |y_ref| over all outputs and batches (0 when identical)."""
-    worst, scale = 0.0, 0.0
+def measure_error(gm: nn.Module, inputs: list[torch.Tensor], refs: list[list[torch.Tensor]]
+                  ) -> ErrorMeter:
+    """The ErrorMeter of gm's outputs against refs (see egp_fx.verify): NaN/Inf fail."""
+    meter = ErrorMeter()
     dtype = next((p.dtype for p in gm.parameters()), None)  # inputs follow the module
     with torch.no_grad():
         for x, ref in zip(inputs, refs):
-            out = _leaves(gm(x.to(dtype) if dtype is not None and x.is_floating_point() else x))
-            if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
-                return float("inf")
-            for o, r in zip(out, ref):
-                worst = max(worst, float((o.double() - r.double()).abs().max()))
-                scale = max(scale, float(r.double().abs().max()))
-    if worst != worst:  # NaN
-        return float("inf")
-    return worst / scale if scale > 0 else worst
+            meter.add(_leaves(gm(x.to(dtype) if dtype is not None and x.is_floating_point() else x)),
+                      ref)
+            if meter.failed:
+                break
+    return meter
+
+
+def output_error(gm: nn.Module, inputs: list[torch.Tensor], refs: list[list[torch.Tensor]]) -> float:
+    """max |y - y_ref| / max |y_ref| over all outputs and batches (0 when identical); inf when an
+    output has a NaN/Inf the reference lacks, or its structure differs."""
+    return measure_error(gm, inputs, refs).error
 
 
 def _first_samples(batches: list, n: int | None) -> list:
@@ -107,24 +109,34 @@ class _Verifier:
         self.noise = 0.0    # the original's float32 rounding error, measured with the float64 refs
         self.tolerance, self.approx_tolerance = tolerance, approx_tolerance
 
-    def error(self, gm, limit: float = 0.0) -> float:
-        """Output error of gm; in float64 when the float32 error exceeds `limit`."""
-        err = output_error(gm, self.inputs + self.holdout, self.refs32)
-        if err <= limit:
-            return err
+    def error(self, gm, limit: float = 0.0) -> tuple[float, str | None]:
+        """(output error of gm, why it is infinite or None); re-measured in float64 when the
+        float32 error exceeds `limit`. A NaN/Inf the reference lacks is final: no re-check."""
+        meter = measure_error(gm, self.inputs + self.holdout, self.refs32)
+        if meter.failed or meter.error <= limit:
+            return meter.error, meter.reason
         if self._refs64 is None:
             self._refs64 = _float64_outputs(self.original, self.inputs + self.holdout)
             self.noise = output_error(self.original, self.inputs + self.holdout, self._refs64)
         gm.double()
         try:
-            return output_error(gm, self.inputs + self.holdout, self._refs64)
+            meter = measure_error(gm, self.inputs + self.holdout, self._refs64)
         finally:
             gm.float()
+        return meter.error, meter.reason
 
     def accepts(self, gm, rewrites) -> tuple[bool, float]:
+        ok, err, _ = self.judge(gm, rewrites)
+        return ok, err
+
+    def judge(self, gm, rewrites) -> tuple[bool, float, str]:
+        """(accepted, error, the reason a rejected rewrite is rolled back)."""
         limit = self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
-        err = self.error(gm, limit)
-        return err <= max(limit, 10 * self.noise), err
+        err, reason = self.error(gm, limit)
+        bound = max(limit, 10 * self.noise)
+        if reason is not None:
+            return False, err, f"output {reason}"
+        return err <= bound, err, f"output error {err:.3g} beyond tolerance {bound:.3g}"
 
 
 def _apply(run, gm, ctx, keys):
@@ -198,10 +210,10 @@ def _bisect(name, run, gm, ctx, verifier, report, rewrites, known_bad=True):
     if len(rewrites) == 1:
         rw = rewrites[0]
         trial, outcome = _apply(run, gm, ctx, [rw.key])
-        rw.error, rw.status = verifier.accepts(trial, [rw])[1], "rolled back"
+        _, rw.error, why = verifier.judge(trial, [rw])
+        rw.status = "rolled back"
         report.rewrites.append(rw)
-        report.refusals.append(Refusal(name, rw.key, rw.nodes,
-                                       f"rolled back: output error {rw.error:.3g} beyond tolerance",
+        report.refusals.append(Refusal(name, rw.key, rw.nodes, f"rolled back: {why}",
                                        activation=rw.activation))
         return gm, 1
     half = len(rewrites) // 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch.fx as fx
@@ -54,15 +55,16 @@ class CompressReport:
         return out
 
     def to_dict(self) -> dict:
-        return {"before": self.before.to_dict(), "after": self.after.to_dict(),
-                "tolerance": self.tolerance, "max_error": self.max_error,
-                "holdout_error": self.holdout_error, "seconds": self.seconds,
-                "passes": [asdict(p) for p in self.passes],
-                "rewrites": [asdict(r) for r in self.rewrites],
-                "refusals": [asdict(r) for r in self.refusals]}
+        """Plain JSON types; an infinite error (NaN/Inf output, see egp_fx.verify) is "inf"."""
+        return _json_safe({"before": self.before.to_dict(), "after": self.after.to_dict(),
+                           "tolerance": self.tolerance, "max_error": self.max_error,
+                           "holdout_error": self.holdout_error, "seconds": self.seconds,
+                           "passes": [asdict(p) for p in self.passes],
+                           "rewrites": [asdict(r) for r in self.rewrites],
+                           "refusals": [asdict(r) for r in self.refusals]})
 
     def to_json(self, **kw) -> str:
-        return json.dumps(self.to_dict(), **kw)
+        return json.dumps(self.to_dict(), allow_nan=False, **kw)
 
     def summary(self) -> str:
         b, a = self.before, self.after
@@ -81,6 +83,16 @@ class CompressReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def report_of(gm: fx.GraphModule) -> CompressReport:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -193,3 +194,34 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         assert {r["variant"] for r in run["rows"]} == {"fp32"}
         assert {r["batch_size"] for r in run["rows"]} == {1, 2}
     assert "| compressed | torch-cpu | fp32 | 2 |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+CALLS: list[str] = []
+
+
+class _Recorder(nn.Module):
+    """Appends its name to the module-level CALLS on every forward (deep copies share the list)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        CALLS.append(self.name)
+        return self.lin(x)
+
+
+def test_models_are_timed_round_robin_in_every_cell():
+    CALLS.clear()
+    benchmark({"a": _Recorder("a"), "b": _Recorder("b"), "c": _Recorder("c")}, torch.randn(1, 4),
+              batch_sizes=(1, 2), backends=("torch-cpu",), torch_variants=("fp32",), repeats=4,
+              warmup=1, threads=1)
+    # size measures (trace, FLOPs) call each model first; then, per batch size, one probe call
+    # each while the runners are built, the warm-up round and the repeats, a, b, c in turn
+    per_cell = 3 * (1 + 1 + 4)
+    calls = CALLS[-2 * per_cell:]
+    before = Counter(CALLS[:-2 * per_cell])
+    assert set(before) == {"a", "b", "c"} and len(set(before.values())) == 1
+    for cell in (calls[:per_cell], calls[per_cell:]):
+        assert cell == ["a", "b", "c"] * (per_cell // 3)

@@ -111,6 +111,7 @@ def test_resnet50_bottlenecks(tmp_path):
     assert gm.get_submodule("layer3.0.conv3").in_channels == 240
     report = egp_fx.report_of(gm)
     assert (report.before.weighted_depth, report.after.weighted_depth) == (50, 47)
+    assert not report.rolled_back
 
 
 def test_mobilenet_v2_relu6_through_depthwise(tmp_path):
@@ -130,6 +131,7 @@ def test_mobilenet_v2_relu6_through_depthwise(tmp_path):
     dw = gm.get_submodule("features.2.conv.1.0")
     assert dw.groups == dw.in_channels == dw.out_channels == c - 16
     assert gm.get_submodule("features.2.conv.2").in_channels == c - 16
+    assert not egp_fx.report_of(gm).rolled_back
 
 
 def _vit(seed=0):
@@ -149,7 +151,9 @@ def test_vit_mlp_dead_units_shrink_fc1_and_fc2(tmp_path):
     _assert_exports(gm, calib[0], tmp_path)
     assert gm.get_submodule("blocks.2.mlp.fc1").out_features == 752
     assert gm.get_submodule("blocks.2.mlp.fc2").in_features == 752
-    assert egp_fx.report_of(gm).decisions()["blocks_2_mlp_act"] == "narrowed 768 -> 752"
+    report = egp_fx.report_of(gm)
+    assert report.decisions()["blocks_2_mlp_act"] == "narrowed 768 -> 752"
+    assert not report.rolled_back and report.max_error <= 1e-5
 
 
 def test_vit_mlp_with_all_units_linear_becomes_one_linear(tmp_path):
@@ -166,7 +170,9 @@ def test_vit_mlp_with_all_units_linear_becomes_one_linear(tmp_path):
     assert len(block4) == 1
     merged = gm.get_submodule(block4[0].target)
     assert isinstance(merged, nn.Linear) and tuple(merged.weight.shape) == (192, 192)
-    assert egp_fx.report_of(gm).decisions()["blocks_4_mlp_act"] == "linearised"
+    report = egp_fx.report_of(gm)
+    assert report.decisions()["blocks_4_mlp_act"] == "linearised"
+    assert not report.rolled_back and report.max_error <= 1e-5
 
 
 class _Custom(nn.Module):
@@ -210,6 +216,48 @@ def test_custom_net_functional_reused_concat_leaky(tmp_path):
     assert decisions["relu"] == "narrowed 8 -> 7" and decisions["relu_1"] == "narrowed 8 -> 6"
     assert decisions["leaky"] == "linearised"
     assert gm.get_submodule("a").out_channels == 7 and gm.get_submodule("b").out_channels == 6
+    assert not egp_fx.report_of(gm).rolled_back
+
+
+class _ConcatLive(nn.Module):
+    """Two branches concatenated, then a live 1x1 and 3x3 conv that read every channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.c, self.bn_c = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)
+        self.d = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.bn_a(self.a(x))), F.relu(self.bn_b(self.b(x)))], dim=1)
+        z = torch.cat([F.relu(self.bn_c(self.c(y))), self.d(y)], dim=1)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+def test_concat_offsets_reach_live_channel_sensitive_consumers(tmp_path):
+    """Dead channels on both sides of a concat leave exactly their columns of both readers."""
+    torch.manual_seed(0)
+    model = realistic_bn(_ConcatLive())
+    calib = _data(2, (4, 3, 12, 12))
+    plant_dead(model.bn_a, [0, 5])
+    plant_dead(model.bn_b, [2, 3, 7])
+    fit_bn_statistics(model, calib)
+    with torch.no_grad():
+        reference = model.c.weight.detach().clone(), model.d.weight.detach().clone()
+    gm = egp_fx.compress(model, calib, channel_multiple=1, progress=False)
+    report = egp_fx.report_of(gm)
+    _assert_same_function(model, gm, calib + _data(1, (4, 3, 12, 12), seed=8), tol=1e-6)
+    kept = [1, 2, 3, 4, 6, 7, 8, 9, 12, 13, 14]
+    assert gm.get_submodule("c").in_channels == gm.get_submodule("d").in_channels == 11
+    bn_scale = model.bn_c.weight / torch.sqrt(model.bn_c.running_var + model.bn_c.eps)
+    torch.testing.assert_close(gm.get_submodule("c").weight.detach(),
+                               reference[0][:, kept] * bn_scale.detach().view(-1, 1, 1, 1),
+                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gm.get_submodule("d").weight.detach(), reference[1][:, kept],
+                               rtol=0, atol=0)
+    assert not report.rolled_back
 
 
 def test_nothing_planted_changes_only_batchnorm_folding():
@@ -219,7 +267,7 @@ def test_nothing_planted_changes_only_batchnorm_folding():
     fit_bn_statistics(model, calib)
     gm = egp_fx.compress(model, calib, progress=False)
     report = egp_fx.report_of(gm)
-    assert {r.kind for r in report.applied} == {"fold_bn"}
+    assert {r.kind for r in report.applied} == {"fold_bn"} and not report.rolled_back
     assert len(report.applied) == 20
     assert report.after.weighted_depth == report.before.weighted_depth == 18
     assert report.after.nonlinear_depth == 17
@@ -253,11 +301,21 @@ def test_approximate_fold_only_when_asked():
     exact = egp_fx.report_of(egp_fx.compress(model, calib, progress=False))
     assert exact.after.weighted_depth == 2 and exact.after.nonlinear_depth == 0
     assert any("3x3 o 3x3" in r.reason and "approximate" in r.reason for r in exact.refusals)
-    approx = egp_fx.report_of(egp_fx.compress(model, calib, allow_approximate=True,
-                                              approx_tolerance=1.0, progress=False))
+    gm = egp_fx.compress(model, calib, allow_approximate=True, approx_tolerance=1.0,
+                         progress=False)
+    approx = egp_fx.report_of(gm)
     merged = [r for r in approx.applied if not r.exact]
-    assert merged and approx.after.weighted_depth == 1
-    assert all(r.error is not None and r.error > 0 for r in merged)
+    assert [r.kind for r in merged] == ["kxk_o_kxk"] and approx.after.weighted_depth == 1
+    with torch.no_grad():   # the error recorded is the error of the merged model, measured here
+        worst = max(float((gm(x) - model(x)).abs().max()) for x in calib)
+        scale = max(float(model(x).abs().max()) for x in calib)
+    assert 1e-4 < worst / scale < 1.0
+    assert merged[0].error == pytest.approx(worst / scale, rel=1e-3)
+    assert approx.max_error == pytest.approx(worst / scale, rel=1e-3)
+    tight = egp_fx.report_of(egp_fx.compress(model, calib, allow_approximate=True,
+                                             approx_tolerance=worst / scale / 2, progress=False))
+    assert [r.status for r in tight.rewrites if not r.exact] == ["rolled back"]
+    assert tight.after.weighted_depth == 2
 
 
 def test_rewrite_beyond_tolerance_is_rolled_back():

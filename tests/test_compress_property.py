@@ -80,7 +80,11 @@ def _plant(model, plants):
         plant_constant(bn, [c % bn.num_features for c in channels], PLANT_VALUE[kind])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples on every run. With this strategy the first example that catches
+# an off-by-one channel offset at a concat (tests/mutants.py, concat-offset-property) is number
+# 186; 300 keeps a margin (about 25 s on 2 cores).
+@settings(max_examples=300, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(blocks=st.lists(block, min_size=1, max_size=4), plants=st.lists(plant, max_size=4),
        seed=st.integers(0, 2**16))
 def test_compress_is_exact_and_never_adds_flops(blocks, plants, seed):

@@ -375,39 +375,58 @@ def test_all_rules_together(device, monkeypatch):
 
 @st.composite
 def _chains(draw):
+    """(model, input channels, approximate allowed, border): a random conv chain, with a Linear
+    tail when only exact folds are allowed. With approximate folds the chain stays
+    convolutional, and `border` bounds how far from the edge of the output a merge of padded
+    convs can be wrong: the sum of (k - 1) over the convs."""
+    approximate = draw(st.booleans())
     c0 = c = draw(st.integers(1, 5))
-    size, layers = 10, []
-    for _ in range(draw(st.integers(1, 5))):
+    size, layers, border = 10, [], 0
+    for i in range(draw(st.integers(1, 5))):
         k = draw(st.sampled_from([1, 3]))
         out = draw(st.integers(1, 12))
+        if approximate:   # wide then narrow: 3x3 o padded 3x3 merges that lower FLOPs
+            k, out = 3, draw(st.integers(8, 12) if i % 2 == 0 else st.integers(1, 3))
+        border += k - 1
         if draw(st.integers(0, 4)) == 0:   # a same-size residual block
             body = nn.Sequential(nn.Conv2d(c, out, k, padding=k // 2), nn.Conv2d(out, c, 1))
             layers.append(Residual(body))
             continue
-        pad = draw(st.sampled_from([0, 1])) if k == 3 and size > 4 else k // 2
+        pad = draw(st.sampled_from([0, 1])) if k == 3 and size > 4 and not approximate \
+            else k // 2
         conv = nn.Conv2d(c, out, k, padding=pad, bias=draw(st.booleans()))
         if draw(st.booleans()) and conv.bias is not None:
             nn.init.zeros_(conv.bias)
         layers += [conv] + ([nn.Identity()] if draw(st.booleans()) else [])
         c, size = out, size + 2 * pad - k + 1
-    layers.append(nn.Flatten())
-    width = c * size * size
-    for _ in range(draw(st.integers(0, 3))):
-        out = draw(st.integers(1, 24))
-        layers.append(nn.Linear(width, out))
-        width = out
+    if not approximate:
+        layers.append(nn.Flatten())
+        width = c * size * size
+        for _ in range(draw(st.integers(0, 3))):
+            out = draw(st.integers(1, 24))
+            layers.append(nn.Linear(width, out))
+            width = out
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    return nn.Sequential(*layers).double(), c0, draw(st.booleans())
+    return nn.Sequential(*layers).double(), c0, approximate, border
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(_chains())
 def test_random_chains_stay_equal_and_never_gain_flops(chain):
-    model, channels, approximate = chain
-    x = torch.randn(2, channels, 10, 10, dtype=torch.float64)
+    """Exact folds reproduce the output to 1e-9; an approximate merge of padded convs is exact
+    everywhere but on a border of the output at most `border` wide."""
+    model, channels, approximate, border = chain
+    side = 10 if not approximate else 2 * border + 14   # leaves an interior at least 4 wide
+    x = torch.randn(2, channels, side, side, dtype=torch.float64)
     before = _flops(egp_fx.trace(model), x)
     gm, out, ref = _fold(model, x, allow_approximate=approximate)
     assert _flops(gm, x) <= before
-    if all(r.exact for r in out.rewrites):
-        _same(gm, x, ref, rtol=1e-9, atol=1e-9)
     assert approximate or all(r.exact for r in out.rewrites)
+    with torch.no_grad():
+        got = gm(x)
+    if approximate:
+        inner = (Ellipsis, slice(border, -border or None), slice(border, -border or None))
+        got, ref = got[inner], ref[inner]
+        assert got.shape[-1] >= 4
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)

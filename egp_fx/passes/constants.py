@@ -66,19 +66,24 @@ def _full(value_per_channel: torch.Tensor, shape, channel_dim: int) -> torch.Ten
     return value_per_channel.view(view).expand(shape).clone()
 
 
+def _dtype(node: fx.Node) -> torch.dtype:
+    tm = node.meta.get("tensor_meta")
+    return getattr(tm, "dtype", torch.float32)
+
+
 def _seed_value(gm, node: fx.Node) -> tuple[torch.Tensor | None, str]:
     shape = shape_of(node)
     st = node.meta.get(EGP_META_KEY)
     if isinstance(st, ActivationStats) and shape is not None:
         affine = st.channel_affine()
         if all(a is not None and a.is_constant for a in affine):
-            k = torch.tensor([a.offset for a in affine], dtype=torch.float32)
+            k = torch.tensor([a.offset for a in affine], dtype=_dtype(node))
             what = "all channels dead" if bool((k == 0).all()) else "all channels constant"
             return _full(k, shape, st.channel_dim), what
     if node.op == "call_module" and shape is not None:
         mod = gm.get_submodule(node.target)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not bool(mod.weight.any()):
-            b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(mod.weight.shape[0])
+            b = mod.bias.detach() if mod.bias is not None else mod.weight.new_zeros(mod.weight.shape[0])
             dim = -1 if isinstance(mod, nn.Linear) else 1
             return _full(b, shape, dim), "all weights zero (collapsed layer)"
     return None, ""
@@ -150,7 +155,7 @@ def _seed(gm, node, ctx, rewrites, refusals, done: set) -> None:
         live_users = [u for u in n.users if u not in env]
         if live_users:
             with gm.graph.inserting_before(n):
-                const = gm.graph.get_attr(add_constant(gm, _compact(env[n].float()), n.name))
+                const = gm.graph.get_attr(add_constant(gm, _compact(env[n].to(_dtype(n))), n.name))
             n.replace_all_uses_with(const)
     is_act = EGP_META_KEY in node.meta
     rewrites.append(Rewrite(NAME, "constant_branch" if len(order) > 1 else "constant", node.name,

@@ -1,0 +1,164 @@
+"""Mutation check of the test suite: small, deliberate bugs that the default test run must catch.
+
+    .venv/bin/python tests/mutants.py [--only NAME ...] [--out benchmarks/results/mutants.md]
+    make mutants
+
+Each mutant replaces one exact piece of source text (which must occur exactly once, so a mutant
+whose code moved fails loudly instead of passing unnoticed) in a scratch copy of the repository,
+runs the tests named for it there (default markers: the slow ones stay out) and counts it killed
+when pytest fails. Every mutant must be killed; the exit status is 1 otherwise. The list grows
+with each new pass.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    why: str              # the bug it stands for
+    path: str             # file, relative to the repository root
+    find: str             # exact source text, present exactly once
+    replace: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant("verify-nan-dropped", "the error measure lets NaN through (Python's max drops it)",
+           "egp_fx/verify.py",
+           "    if not bool(torch.equal(ref_ok, out_ok)):",
+           "    if False:",
+           ("tests/test_verify.py",)),
+    Mutant("bisect-over-rollback", "a failed group never keeps a passing subset",
+           "egp_fx/compress.py",
+           "    if not known_bad:\n",
+           "    if False:\n",
+           ("tests/test_verify.py",)),
+    Mutant("rollback-keeps-bad", "the rolled-back rewrite stays in the graph",
+           "egp_fx/compress.py",
+           "                                       activation=rw.activation))\n        return gm, 1",
+           "                                       activation=rw.activation))\n        return trial, 1",
+           ("tests/test_verify.py", "tests/test_compress.py")),
+    Mutant("concat-offset-off-by-one", "a channel behind a concat is mapped one position off",
+           "egp_fx/passes/dead_channels.py",
+           "                    before += shape_of(t)[dim]",
+           "                    before += shape_of(t)[dim] - 1",
+           ("tests/test_compress.py", "tests/test_compress_property.py")),
+    Mutant("concat-offset-property", "the same bug, to be found by the seeded property test alone",
+           "egp_fx/passes/dead_channels.py",
+           "                    before += shape_of(t)[dim]",
+           "                    before += shape_of(t)[dim] - 1",
+           ("tests/test_compress_property.py",)),
+    Mutant("bench-not-interleaved", "the benchmark times each model in turn, not round-robin",
+           "egp_fx/bench.py",
+           "    for _ in range(repeats):\n        for name, run in runners.items():\n",
+           "    for name, run in runners.items():\n        for _ in range(repeats):\n",
+           ("tests/test_bench.py",)),
+    Mutant("prune-easier-entropy", "the prune loop allocates with the EASIER entropy",
+           "egp_fx/prune/egp.py",
+           "rows[a].egp_entropy for a in lay.activations",
+           "rows[a].easier_entropy for a in lay.activations",
+           ("tests/test_prune.py",)),
+    Mutant("fold-bn-no-eps", "BatchNorm folded without its eps",
+           "egp_fx/passes/fold_bn.py",
+           "torch.sqrt(bn.running_var.double() + bn.eps)",
+           "torch.sqrt(bn.running_var.double())",
+           ("tests/test_compress.py",)),
+    Mutant("entropy-natural-log", "unit entropy in nats instead of bits",
+           "egp_fx/stats.py",
+           "    return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))",
+           "    return -(p * torch.log(p) + (1 - p) * torch.log(1 - p))",
+           ("tests/test_calibrate.py",)),
+    Mutant("linear-channels-first", "a Linear's output channels taken on dim 1",
+           "egp_fx/channels.py",
+           "        if isinstance(mod, _CHANNELS_LAST):\n            return -1",
+           "        if isinstance(mod, _CHANNELS_LAST):\n            return 1",
+           ("tests/test_calibrate.py", "tests/test_compress.py")),
+)
+
+
+def _files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return [f for f in listed.splitlines() if (ROOT / f).is_file()]
+
+
+def _scratch() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="egp_mutants_"))
+    for f in _files():
+        dest = folder / f
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest)
+    return folder
+
+
+def _run(scratch: Path, mutant: Mutant) -> tuple[str, float, str]:
+    target = scratch / mutant.path
+    source = target.read_text()
+    count = source.count(mutant.find)
+    if count != 1:
+        return "stale", 0.0, f"the text to mutate occurs {count} times in {mutant.path}"
+    target.write_text(source.replace(mutant.find, mutant.replace))
+    env = {**os.environ, "PYTHONPATH": str(scratch), "PYTHONDONTWRITEBYTECODE": "1",
+           "EGP_FX_MUTANTS": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               *mutant.tests], cwd=scratch, env=env, capture_output=True, text=True)
+    finally:
+        target.write_text(source)
+    seconds = time.perf_counter() - start
+    failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+    if proc.returncode == 1:
+        return "killed", seconds, ", ".join(failed[:2])
+    if proc.returncode == 0:
+        return "survived", seconds, "all tests passed"
+    return "error", seconds, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="names of the mutants to run")
+    ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    scratch = _scratch()
+    rows = []
+    try:
+        for m in chosen:
+            status, seconds, detail = _run(scratch, m)
+            rows.append((m, status, seconds, detail))
+            print(f"{status:9} {m.name:28} {seconds:6.1f}s  {detail}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    killed = sum(status == "killed" for _, status, _, _ in rows)
+    summary = f"{killed} of {len(rows)} mutants killed"
+    print(summary)
+    if args.out:
+        lines = ["# Mutation check of the default test run", "",
+                 f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
+                 f"Run: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"
+                 f", {os.cpu_count()} logical CPUs", "", f"**{summary}.**", "",
+                 "| mutant | the bug | file | status | seconds | killed by |",
+                 "| --- | --- | --- | --- | ---: | --- |"]
+        lines += [f"| {m.name} | {m.why} | {m.path} | {status} | {seconds:.1f} | {detail} |"
+                  for m, status, seconds, detail in rows]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0 if killed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Each rewrite pass on its own, on graphs of two or three layers: what changed, a structural fact,
+exact numerics (float64, 1e-12), and the refusal reason of each near miss."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import egp_fx
+from egp_fx.passes import PASSES
+from egp_fx.passes.base import PassContext
+
+X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def run_pass(name: str, model: nn.Module, x: torch.Tensor = X, **options):
+    """Calibrate a float64 copy of `model` on x, run one pass; (gm, outcome, reference output)."""
+    gm = egp_fx.calibrate(model.double().eval(), [x], progress=False)
+    with torch.no_grad():
+        ref = gm(x)
+    ctx = PassContext(example_input=x[:1], options={"channel_multiple": 1, **options})
+    outcome = PASSES[name](gm, ctx)
+    return gm, outcome, ref
+
+
+def assert_exact(gm, x, ref):
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def calls(gm, kind) -> int:
+    """How many nodes call a module of type `kind` or the function `kind`."""
+    if isinstance(kind, type):
+        return sum(1 for n in gm.graph.nodes if n.op == "call_module"
+                   and isinstance(gm.get_submodule(n.target), kind))
+    return sum(1 for n in gm.graph.nodes if n.target is kind)
+
+
+def reasons(outcome) -> str:
+    return " | ".join(r.reason for r in outcome.refusals)
+
+
+def with_bn(conv: nn.Module, channels: int, dims: int = 2) -> nn.Sequential:
+    bn = nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
+    torch.manual_seed(1)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    return nn.Sequential(conv, bn)
+
+
+# --------------------------------------------------------------------------- fold_bn
+
+def test_fold_bn_into_conv_and_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(with_bn(nn.Conv2d(3, 4, 3, padding=1), 4), nn.Flatten(),
+                          with_bn(nn.Linear(256, 5), 5, dims=1))
+    gm, out, ref = run_pass("fold_bn", model)
+    assert [r.kind for r in out.rewrites] == ["fold_bn", "fold_bn"]
+    assert calls(gm, nn.BatchNorm2d) == calls(gm, nn.BatchNorm1d) == 0
+    assert_exact(gm, X, ref)
+
+
+class _TwoReaders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _BnAfterPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(F.max_pool2d(x, 2))
+
+
+@pytest.mark.parametrize("model, reason", [
+    (_TwoReaders(), "has 2 users"),
+    (_BnAfterPool(), "input is not a conv/linear"),
+])
+def test_fold_bn_refuses_near_misses(model, reason):
+    gm, out, ref = run_pass("fold_bn", model)
+    assert not out.rewrites and reason in reasons(out)
+    assert calls(gm, nn.BatchNorm2d) == 1
+    assert_exact(gm, X, ref)
+
+
+# --------------------------------------------------------------------------- constants
+
+class _DeadBranch(nn.Module):
+    """x + conv2(relu(conv1 x)) with conv1 planted dead (weights 0, bias -1)."""
+
+    def __init__(self, shift: float = 0.0):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 1)
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.bias.fill_(-1.0)
+            self.conv2.bias.fill_(shift)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+def test_constants_dead_branch_leaves_no_add():
+    gm, out, ref = run_pass("constants", _DeadBranch(0.0))
+    assert {r.kind for r in out.rewrites} == {"constant_branch", "drop_add"}
+    assert calls(gm, nn.Conv2d) == 0 and calls(gm, F.relu) == 0
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_function") == 0   # output is x itself
+    assert_exact(gm, X, ref)
+
+
+def test_constants_nonzero_branch_keeps_one_add_of_a_constant():
+    gm, out, ref = run_pass("constants", _DeadBranch(0.25))
+    assert [r.kind for r in out.rewrites] == ["constant_branch"]
+    assert calls(gm, nn.Conv2d) == 0
+    adds = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(adds) == 1 and any(a.op == "get_attr" for a in adds[0].all_input_nodes)
+    assert_exact(gm, X, ref)
+
+
+class _DeadIntoCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.fill_(-2.0)
+
+    def forward(self, x):
+        return torch.cat([F.relu(self.conv(x)), x], dim=1)
+
+
+def test_constants_refuses_a_constant_that_reaches_a_concat():
+    gm, out, ref = run_pass("constants", _DeadIntoCat())
+    assert not [r for r in out.rewrites if r.kind.startswith("constant")]
+    assert "needs the batch" in reasons(out)
+    assert_exact(gm, X, ref)
+
+
+def test_constants_drops_relu_of_a_non_negative_input():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU())
+    gm, out, ref = run_pass("constants", model)
+    assert [r.kind for r in out.rewrites] == ["drop_relu"]
+    assert calls(gm, nn.ReLU) == 1
+    assert_exact(gm, X, ref)
+
+
+# --------------------------------------------------------------------------- dead_channels
+
+def _planted(conv: nn.Conv2d | nn.Linear, rows, value: float) -> None:
+    with torch.no_grad():
+        conv.weight[rows] = 0.0
+        conv.bias[rows] = value
+
+
+def test_dead_channels_leave_producer_and_consumer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    _planted(model[0], [1, 6], -1.0)
+    gm, out, ref = run_pass("dead_channels", model)
+    assert [(r.kind, r.decision) for r in out.rewrites] == [("narrow_channels", "narrowed 8 -> 6")]
+    assert gm.get_submodule("0").out_channels == 6 and gm.get_submodule("2").in_channels == 6
+    assert_exact(gm, X, ref)
+
+
+def test_constant_channel_goes_into_an_unpadded_consumer_bias_only():
+    torch.manual_seed(0)
+    unpadded = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 1))
+    _planted(unpadded[0], [2], 9.0)                      # ReLU6 saturated: outputs 6
+    gm, out, ref = run_pass("dead_channels", unpadded)
+    assert gm.get_submodule("2").in_channels == 7
+    assert_exact(gm, X, ref)
+    padded = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 3, padding=1))
+    _planted(padded[0], [2], 9.0)
+    gm, out, ref = run_pass("dead_channels", padded)
+    assert not out.rewrites and gm.get_submodule("2").in_channels == 8
+    assert_exact(gm, X, ref)
+
+
+def test_dead_channels_refuse_a_producer_that_is_not_a_layer():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        model[1].weight[[0, 3]] = 0.0
+        model[1].bias[[0, 3]] = -1.0
+    gm, out, ref = run_pass("dead_channels", model)
+    assert not out.rewrites
+    assert "not written by a conv/linear alone" in reasons(out)
+    assert_exact(gm, X, ref)
+
+
+def test_dead_channels_round_to_the_width_multiple():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    _planted(model[0], list(range(17)), -1.0)
+    gm, out, ref = run_pass("dead_channels", model, channel_multiple=16)
+    assert gm.get_submodule("0").out_channels == 16
+    assert_exact(gm, X, ref)
+    _planted(model[0], list(range(17)), 0.5)             # nothing dead now
+    _planted(model[0], [0, 1, 2], -1.0)
+    gm, out, ref = run_pass("dead_channels", model, channel_multiple=16)
+    assert not out.rewrites and "multiple of 16" in reasons(out)
+
+
+# --------------------------------------------------------------------------- linear_units
+
+def test_linear_units_identity_and_affine_into_producer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.LeakyReLU(0.1),
+                          nn.Conv2d(4, 2, 1))
+    _planted(model[0], list(range(4)), 3.0)              # ReLU always on: identity
+    _planted(model[2], list(range(4)), -2.0)             # LeakyReLU negative side: 0.1 z
+    gm, out, ref = run_pass("linear_units", model)
+    assert [r.detail for r in out.rewrites] == [
+        "_1 (relu) -> identity", "_3 (leaky_relu) -> per-channel affine folded into _2"]
+    assert calls(gm, nn.ReLU) == calls(gm, nn.LeakyReLU) == 0
+    assert_exact(gm, X, ref)
+
+
+def test_linear_units_keep_a_partly_linear_activation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    _planted(model[0], [0, 1], 3.0)
+    gm, out, ref = run_pass("linear_units", model)
+    assert not out.rewrites and "only 2 of 4 channels are linear" in reasons(out)
+    assert calls(gm, nn.ReLU) == 1
+
+
+# --------------------------------------------------------------------------- cleanup
+
+def test_cleanup_removes_eval_noops_and_dead_code():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.Identity(), nn.ReLU())
+    gm, out, ref = run_pass("cleanup", model)
+    assert [r.kind for r in out.rewrites] == ["drop_noop", "drop_noop"]
+    assert calls(gm, nn.Dropout) == calls(gm, nn.Identity) == 0
+    assert_exact(gm, X, ref)

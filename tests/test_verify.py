@@ -1,0 +1,162 @@
+"""The safety net: the error measure fails on NaN/Inf, and a failing group keeps exactly its good
+rewrites (bisection neither over- nor under-rolls back)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import egp_fx
+from egp_fx.compress import output_error
+from egp_fx.verify import ErrorMeter, compare
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def _refs(x):
+    return [[x.clone()]]
+
+
+@pytest.mark.parametrize("factor", [math.nan, math.inf, -math.inf])
+def test_non_finite_output_is_an_infinite_error(factor):
+    x = torch.rand(4, 3) + 0.5
+    assert output_error(_Scale(factor), [x], _refs(x)) == math.inf
+
+
+def test_one_nan_among_finite_values_is_an_infinite_error():
+    ref = torch.arange(6.0).view(2, 3)
+    out = ref.clone()
+    out[1, 2] = math.nan
+    meter = ErrorMeter()
+    meter.add([out], [ref])
+    assert meter.error == math.inf and meter.failed
+    assert "NaN/Inf" in meter.reason
+
+
+def test_relative_error_is_max_abs_difference_over_max_reference():
+    ref = torch.tensor([[1.0, -4.0], [2.0, 0.5]], dtype=torch.float64)
+    out = ref + torch.tensor([[0.0, 0.02], [-0.03, 0.0]], dtype=torch.float64)
+    worst, scale = compare([out], [ref])
+    assert worst == pytest.approx(0.03, rel=1e-12) and scale == 4.0
+    assert output_error(_Scale(1.0), [out], [[ref]]) == pytest.approx(0.03 / 4.0, rel=1e-12)
+
+
+def test_reference_nan_must_be_reproduced_exactly():
+    ref = torch.tensor([1.0, math.nan, -math.inf])
+    assert compare([ref.clone()], [ref]) == (0.0, 1.0)
+    moved = torch.tensor([math.nan, 1.0, -math.inf])
+    assert compare([moved], [ref]).reason
+    flipped = torch.tensor([1.0, math.nan, math.inf])
+    assert compare([flipped], [ref]).reason
+
+
+def test_structure_and_shape_mismatches_are_infinite():
+    ref = [torch.ones(2, 3)]
+    assert compare([torch.ones(2, 3), torch.ones(1)], ref).reason
+    assert compare([torch.ones(3, 2)], ref).reason
+
+
+def test_report_of_infinite_error_is_valid_json():
+    from egp_fx.measures import Totals
+    from egp_fx.report import CompressReport
+
+    totals = Totals(1, 1, 1, 1, 1)
+    report = CompressReport(totals, totals, 1e-5, max_error=math.inf)
+    assert '"max_error": "inf"' in report.to_json()
+
+
+# --------------------------------------------------------------------------- rollback
+
+class _ThreeStages(nn.Module):
+    """Three Linear+ReLU stages with planted dead units 4 and 9 (weights 0, bias -1: dead on any
+    input). Stage a's unit 0 reads only the first input coordinate: it is OFF on calibration
+    data (first coordinate negative) and fires on held-out data (first coordinate positive), so
+    the dead-channel rewrite of stage a must be rolled back while those of b and c stay. Every
+    other unit sees random weights and is mixed on data this large."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            for layer in (self.a, self.b, self.c):
+                layer.bias.zero_()
+                layer.weight[[4, 9]] = 0.0
+                layer.bias[[4, 9]] = -1.0
+            self.a.weight[:, 0] = 0.0
+            self.a.weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        self.eval()
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        x = torch.relu(self.c(x))
+        return self.head(x)
+
+
+def _signed_data(n: int, sign: float, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(64, 4, generator=g)
+        x[:, 0] = sign * x[:, 0].abs()
+        out.append(x)
+    return out
+
+
+def test_failing_group_keeps_exactly_its_good_rewrites():
+    model = _ThreeStages()
+    calib, holdout = _signed_data(4, -1.0, 0), _signed_data(1, 1.0, 1)
+    gm = egp_fx.compress(model, calib, holdout_loader=holdout, channel_multiple=1, progress=False)
+    report = egp_fx.report_of(gm)
+    narrowed = {r.key: r.status for r in report.rewrites if r.kind == "narrow_channels"}
+    assert narrowed == {"relu": "rolled back", "relu_1": "applied", "relu_2": "applied"}
+    assert gm.get_submodule("a").out_features == 16
+    assert gm.get_submodule("b").out_features == 14 and gm.get_submodule("c").out_features == 14
+    assert [r.key for r in report.refusals if r.reason.startswith("rolled back")] == ["relu"]
+    with torch.no_grad():
+        for x in calib + holdout:
+            torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_nan_producing_pass_is_rolled_back_and_named(monkeypatch):
+    """A pass that writes NaN into one of three activations: only that rewrite is undone."""
+    import egp_fx.passes as passes_module
+    from egp_fx.passes.base import Rewrite, finish
+
+    def poison(gm, ctx):
+        rewrites = []
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is torch.relu and ctx.allows(node.name):
+                factor = math.nan if node.name == "relu_1" else 1.0
+                with gm.graph.inserting_after(node):
+                    scaled = gm.graph.call_function(torch.mul, (node, factor))
+                node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+                rewrites.append(Rewrite("poison", "scale", node.name, [node.name], True,
+                                        f"{node.name} times {factor}"))
+        return finish(gm, "poison", rewrites, [])
+
+    monkeypatch.setitem(passes_module.PASSES, "poison", poison)
+    model = _ThreeStages()
+    calib = _signed_data(2, 1.0, 0)
+    gm = egp_fx.compress(model, calib, passes=("poison",), progress=False)
+    report = egp_fx.report_of(gm)
+    assert {r.key: r.status for r in report.rewrites} == {
+        "relu": "applied", "relu_1": "rolled back", "relu_2": "applied"}
+    bad = [r for r in report.refusals if r.key == "relu_1"]
+    assert len(bad) == 1 and "NaN/Inf" in bad[0].reason
+    assert report.max_error == 0.0
+    muls = [n for n in gm.graph.nodes if n.target is torch.mul]
+    assert len(muls) == 2
+    with torch.no_grad():
+        assert torch.equal(gm(calib[0]), model(calib[0]))
