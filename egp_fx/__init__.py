@@ -1,19 +1,23 @@
 """egp_fx: make trained networks shallower and faster by deleting dead units and folding linear ones."""
 from .bench import BenchResult, BenchRow, benchmark
 from .calibrate import calibrate
+from .capture import CaptureInfo, capture_info
 from .compress import compress
+from .errors import (CalibrationError, CompressError, DistributedError, EGPError, ExportError,
+                     MemoryBudgetError, PruneError, SaveError, TraceError)
+from .export import ExportResult, export_onnx
 from .inspect import Inspection, inspect
-from .errors import CalibrationError, CompressError, EGPError, TraceError
-from .export import ExportError, ExportResult, export_onnx
-from .stats import ActivationStats
 from .measures import Totals, measure
 from .report import CompressReport, report_of
+from .stats import ActivationStats
 from .table import LayerTable, layer_stats
 from .tracing import register_leaf_module, register_wrapped_function, trace
 
 __all__ = [
-    "ActivationStats", "BenchResult", "BenchRow", "CalibrationError", "CompressError", "CompressReport", "EGPError",
-    "ExportError", "ExportResult",
-    "Inspection", "LayerTable", "Totals", "TraceError", "benchmark", "calibrate", "compress", "export_onnx", "inspect", "layer_stats", "measure",
-    "register_leaf_module", "register_wrapped_function", "report_of", "trace",
+    "ActivationStats", "BenchResult", "BenchRow", "CalibrationError", "CaptureInfo",
+    "CompressError", "CompressReport", "DistributedError", "EGPError", "ExportError",
+    "ExportResult", "Inspection", "LayerTable", "MemoryBudgetError", "PruneError", "SaveError",
+    "Totals", "TraceError", "benchmark", "calibrate", "capture_info", "compress", "export_onnx",
+    "inspect", "layer_stats", "measure", "register_leaf_module", "register_wrapped_function",
+    "report_of", "trace",
 ]

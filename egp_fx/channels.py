@@ -1,57 +1,35 @@
 """Which axis of a pre-activation tensor holds the channels.
 
 The channel axis is the one the producing layer writes: dim 1 for convolutions and BatchNorm,
-the last dim for nn.Linear / LayerNorm (channels-last tokens in ViT, Swin and ConvNeXt MLPs).
-We walk back from the activation's input through ops that keep the layout (adds, dropout,
-identity, scalar arithmetic) until a layer that writes channels is found. Returns a negative
-axis for "last" so it holds for any number of leading dims.
+the last dim for Linear, LayerNorm and products (channels-last tokens in ViT, Swin, ConvNeXt and
+language-model MLPs). We walk back from the activation's input through ops that keep the layout
+(identity, element-wise arithmetic) until an op that writes channels is found. "Last" is
+returned as -1 so it holds for any number of leading dims.
 """
 from __future__ import annotations
 
-import operator
-
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d,
-                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d)
-_CHANNELS_LAST = (nn.Linear, nn.LayerNorm)
-_PASS_MODULES = (nn.Dropout, nn.Identity)
-_PASS_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
-                   torch.sub, torch.mul, F.dropout}
-_FIRST_FUNCTIONS = {F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, F.batch_norm: 1}
-_LAST_FUNCTIONS = {F.linear: -1, F.layer_norm: -1, torch.matmul: -1}
+from .ops import ARITHMETIC, Ops, Role
+
+_WRITES_FIRST = frozenset({Role.NORM})
+_WRITES_LAST = frozenset({Role.LAYER_NORM, Role.MATMUL})
+_KEEPS_LAYOUT = ARITHMETIC | {Role.IDENTITY}
 
 
-def _axis_written_by(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
-    if node.op == "call_module":
-        mod = modules.get(node.target)
-        if isinstance(mod, _CHANNELS_FIRST):
-            return 1
-        if isinstance(mod, _CHANNELS_LAST):
-            return -1
-    if node.op == "call_function":
-        if node.target in _FIRST_FUNCTIONS:
-            return _FIRST_FUNCTIONS[node.target]
-        if node.target in _LAST_FUNCTIONS:
-            return _LAST_FUNCTIONS[node.target]
+def _axis_written_by(node: fx.Node, ops: Ops) -> int | None:
+    op = ops(node)
+    if op.role is Role.LAYER:
+        return -1 if op.kind == "linear" else 1
+    if op.role in _WRITES_FIRST:
+        return 1
+    if op.role in _WRITES_LAST:
+        return -1
     return None
 
 
-def _passes_layout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), _PASS_MODULES)
-    if node.op == "call_function":
-        return node.target in _PASS_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in {"add", "sub", "mul", "div", "contiguous", "add_", "mul_"}
-    return False
-
-
-def channel_axis(z: fx.Node, modules: dict[str, nn.Module], ndim: int | None = None,
-                 max_hops: int = 32) -> tuple[int, str]:
+def channel_axis(z: fx.Node, ops: Ops, ndim: int | None = None, max_hops: int = 32
+                 ) -> tuple[int, str]:
     """(axis, how it was found) for the pre-activation node z.
 
     The axis is 1 (channels-first) or -1 (channels-last). Without a recognised producer, a 2-D or
@@ -64,11 +42,11 @@ def channel_axis(z: fx.Node, modules: dict[str, nn.Module], ndim: int | None = N
             if node in seen:
                 continue
             seen.add(node)
-            axis = _axis_written_by(node, modules)
+            axis = _axis_written_by(node, ops)
             if axis is not None:
                 return axis, f"written by {node.name}"
-            if _passes_layout(node, modules):
-                nxt.extend(a for a in node.all_input_nodes)
+            if ops(node).role in _KEEPS_LAYOUT:
+                nxt.extend(node.all_input_nodes)
         if not nxt:
             break
         frontier = nxt

@@ -17,6 +17,7 @@ from torch import nn
 from .cli import EXIT_BENCH, EXIT_EXPORT, EXIT_USAGE, CLIError
 from .cli_data import CalibrationData, DataError, calibration_data, parse_input_size
 from .cli_models import default_input_size, load_model
+from .report import original_of, report_of
 
 log = logging.getLogger(__name__)
 DEFAULT_CALIB_BATCHES = 4
@@ -86,7 +87,7 @@ def _base(args, inputs: _Inputs) -> dict:
 def _decision_counts(gm) -> dict[str, int]:
     """Activation calls per decision category (all calls of the original, as the table has them)."""
     from .inspect.table import DecisionTable
-    table = DecisionTable.build(gm.meta["egp_original"], gm, gm.meta["egp_report"], {})
+    table = DecisionTable.build(original_of(gm), gm, report_of(gm), {})
     return {k: v for k, v in table.counts().items() if v}
 
 

@@ -1,12 +1,29 @@
-"""Exceptions raised by egp_fx. Each names what failed and what the user can do about it."""
+"""Every error egp_fx raises on purpose, and the command line's exit code for each.
+
+Each names what failed and what the user can do about it. The CLI maps an error to its exit code
+by type (EXIT_CODE_OF), most specific class first.
+"""
+from __future__ import annotations
 
 
 class EGPError(Exception):
     """Base class of every error egp_fx raises on purpose."""
 
 
+class UsageError(EGPError):
+    """Bad arguments or input (a wrong option, a missing feature of this install)."""
+
+
+class DataError(UsageError):
+    """Calibration or training data could not be read as asked."""
+
+
+class ModelLoadError(EGPError):
+    """The model could not be built or its weights loaded (name, factory, checkpoint)."""
+
+
 class TraceError(EGPError):
-    """torch.fx could not trace the model; the message names the module and the reason."""
+    """Neither torch.fx nor torch.export could capture the model; the message says why."""
 
 
 class CalibrationError(EGPError):
@@ -15,3 +32,52 @@ class CalibrationError(EGPError):
 
 class CompressError(EGPError):
     """compress() was asked for something it cannot do (the message says what)."""
+
+
+class MemoryBudgetError(CompressError):
+    """The model would not fit in memory for compress; the message gives the estimate."""
+
+
+class PruneError(EGPError):
+    """prune() was asked for something it cannot do."""
+
+
+class DistributedError(EGPError):
+    """A torch.distributed step failed (another rank, the backend, a timeout)."""
+
+
+class ExportError(EGPError):
+    """ONNX export failed or the exported file does not reproduce the model; no file is left."""
+
+
+class SaveError(EGPError):
+    """A compressed model could not be saved or loaded."""
+
+
+class BenchError(EGPError):
+    """The benchmark could not run as asked."""
+
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_MODEL, EXIT_COMPRESS, EXIT_EXPORT, EXIT_BENCH = range(7)
+EXIT_INTERRUPTED = 130
+EXIT_CODES = {EXIT_OK: "success", EXIT_INTERNAL: "internal error", EXIT_USAGE: "usage or bad input",
+              EXIT_MODEL: "model could not be loaded",
+              EXIT_COMPRESS: "calibration, compression or pruning failed",
+              EXIT_EXPORT: "ONNX export or saving failed", EXIT_BENCH: "benchmark failed",
+              EXIT_INTERRUPTED: "interrupted"}
+EXIT_CODE_OF: tuple[tuple[type, int], ...] = (
+    (UsageError, EXIT_USAGE), (ModelLoadError, EXIT_MODEL), (ExportError, EXIT_EXPORT),
+    (SaveError, EXIT_EXPORT), (BenchError, EXIT_BENCH), (TraceError, EXIT_COMPRESS),
+    (CalibrationError, EXIT_COMPRESS), (CompressError, EXIT_COMPRESS), (PruneError, EXIT_COMPRESS),
+    (DistributedError, EXIT_COMPRESS), (EGPError, EXIT_COMPRESS),
+)
+
+
+def exit_code(err: BaseException) -> int:
+    """The CLI exit code of an error (EXIT_INTERNAL for anything not raised on purpose)."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    for cls, code in EXIT_CODE_OF:
+        if isinstance(err, cls):
+            return code
+    return EXIT_INTERNAL

@@ -40,15 +40,12 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import EGPError
+from .errors import EGPError, ExportError
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
 
-
-class ExportError(EGPError):
-    """ONNX export failed or the exported file does not reproduce the model; no file is left."""
 
 
 @dataclass

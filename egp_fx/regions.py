@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
+
+from .ops import Op, Role, classify, main_input
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,6 @@ class RegionSpec:
     def has_mid(self) -> bool:
         return self.hi > self.lo
 
-    @property
-    def names(self) -> tuple[str, str, str]:
-        return ("low", "mid", "high")
-
     def affine(self, region: int) -> Affine | None:
         return (self.low, self.mid, self.high)[region]
 
@@ -90,71 +85,39 @@ def _smooth(kind: str, margins: tuple[float, float]) -> RegionSpec:
     return RegionSpec(kind, margins[0], margins[1], False, Affine(0.0, 0.0), None, Affine(1.0, 0.0))
 
 
-_MODULE_KINDS = (  # order matters: ReLU6 is a Hardtanh
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.Hardtanh, "hardtanh"), (nn.LeakyReLU, "leaky_relu"),
-    (nn.GELU, "gelu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
-)
-_FUNCTION_KINDS = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
-    F.relu6: "relu6", F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh",
-    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu",
-    F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
-}
-_METHOD_KINDS = {"relu": "relu", "relu_": "relu"}
-
-
-def _arg(node: fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def activation_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The activation kind of an fx node, or None if it is not a supported activation call."""
-    if node.op == "call_module":
-        mod = modules.get(node.target)
-        for cls, kind in _MODULE_KINDS:
-            if type(mod) is cls or (cls is not nn.Hardtanh and isinstance(mod, cls)):
-                return kind
-        return "hardtanh" if isinstance(mod, nn.Hardtanh) else None
-    if node.op == "call_function":
-        return _FUNCTION_KINDS.get(node.target)
-    if node.op == "call_method":
-        return _METHOD_KINDS.get(node.target)
-    return None
-
-
-def region_spec(node: fx.Node, modules: dict[str, nn.Module], *,
-                gelu_margins: tuple[float, float] = GELU_MARGINS,
+def region_spec(op: Op, *, gelu_margins: tuple[float, float] = GELU_MARGINS,
                 silu_margins: tuple[float, float] = SILU_MARGINS) -> RegionSpec | None:
-    """The RegionSpec of an activation call (None if the node is not one)."""
-    kind = activation_kind(node, modules)
-    if kind is None:
+    """The RegionSpec of an activation Op (ops.classify), or None for any other op."""
+    if op.role is not Role.ACTIVATION:
         return None
-    mod = modules.get(node.target) if node.op == "call_module" else None
+    kind, p = op.kind, op.params
     if kind == "relu":
         return _relu()
     if kind == "relu6":
         return _hardtanh("relu6", 0.0, 6.0)
     if kind == "hardtanh":
-        if mod is not None:
-            return _hardtanh("hardtanh", float(mod.min_val), float(mod.max_val))
-        return _hardtanh("hardtanh", float(_arg(node, 1, "min_val", -1.0)),
-                         float(_arg(node, 2, "max_val", 1.0)))
+        return _hardtanh("hardtanh", p["lo"], p["hi"])
     if kind == "leaky_relu":
-        slope = mod.negative_slope if mod is not None else _arg(node, 1, "negative_slope", 0.01)
-        return _leaky(float(slope))
+        return _leaky(p["slope"])
     if kind == "hardswish":
         return RegionSpec("hardswish", -3.0, 3.0, False, Affine(0.0, 0.0), None, Affine(1.0, 0.0))
-    if kind == "gelu":
+    if kind == "gelu":   # the tanh approximation has tails at least as close (checked in tests)
         return _smooth("gelu", gelu_margins)
-    return _smooth("silu", silu_margins)
+    if kind == "silu":
+        return _smooth("silu", silu_margins)
+    return None
+
+
+def activation_kind(node: fx.Node, modules: dict) -> str | None:
+    """The activation kind of a node (ops.classify), or None if it is not an activation call."""
+    op = classify(node, modules)
+    return op.kind if op.role is Role.ACTIVATION else None
 
 
 def activation_input(node: fx.Node) -> fx.Node:
     """The pre-activation node z of an activation call."""
-    z = node.args[0] if node.args else node.kwargs.get("input")
-    assert isinstance(z, fx.Node), f"activation {node.format_node()} has no tensor input"
+    z = main_input(node)
+    assert z is not None, f"activation {node.format_node()} has no tensor input"
     return z
 
 

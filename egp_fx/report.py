@@ -8,9 +8,33 @@ from dataclasses import asdict, dataclass, field
 import torch.fx as fx
 
 from .measures import Totals
-from .passes.base import Refusal, Rewrite
+from .passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
 
 REPORT_META_KEY = "egp_report"
+ORIGINAL_META_KEY = "egp_original"
+EXAMPLE_META_KEY = "egp_example_input"
+
+
+class Transient:
+    """Holds an object for this process only: it pickles to an empty holder.
+
+    compress keeps the calibrated original in the result's meta this way, so that inspect can
+    compare the two, while torch.save of the result does not store the original model too."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def __reduce__(self):
+        return (Transient, ())
+
+    def __deepcopy__(self, memo):
+        return Transient(self.value)
+
+
+def original_of(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """The calibrated original compress kept (None after a save and load)."""
+    held = getattr(gm, "meta", {}).get(ORIGINAL_META_KEY)
+    return held.value if isinstance(held, Transient) else held
 
 
 @dataclass
@@ -26,7 +50,7 @@ class PassSummary:
 @dataclass
 class CompressReport:
     before: Totals
-    after: Totals
+    after: Totals | None
     tolerance: float
     rewrites: list[Rewrite] = field(default_factory=list)      # applied and rolled back
     refusals: list[Refusal] = field(default_factory=list)
@@ -34,21 +58,24 @@ class CompressReport:
     max_error: float = 0.0                                      # final output error, calib data
     holdout_error: float | None = None
     seconds: float = 0.0
+    target: str = "ort-cpu"
+    capture: object = None                                      # capture.CaptureInfo
 
     @property
     def applied(self) -> list[Rewrite]:
-        return [r for r in self.rewrites if r.status == "applied"]
+        return [r for r in self.rewrites if r.status is Status.APPLIED]
 
     @property
     def rolled_back(self) -> list[Rewrite]:
-        return [r for r in self.rewrites if r.status != "applied"]
+        return [r for r in self.rewrites if r.status is not Status.APPLIED]
 
-    def decisions(self) -> dict[str, str]:
-        """Activation node -> what was decided for it (the last applied decision wins)."""
-        out: dict[str, str] = {}
+    def decisions(self) -> dict[str, Decision]:
+        """Activation node -> what was decided for it (the last applied decision wins; a
+        refusal makes it KEPT with the first reason)."""
+        out: dict[str, Decision] = {}
         for ref in self.refusals:
             if ref.activation:
-                out.setdefault(ref.activation, f"kept: {ref.reason}")
+                out.setdefault(ref.activation, Decision(DecisionKind.KEPT, ref.reason))
         for rw in self.applied:
             if rw.activation and rw.decision:
                 out[rw.activation] = rw.decision
@@ -56,18 +83,26 @@ class CompressReport:
 
     def to_dict(self) -> dict:
         """Plain JSON types; an infinite error (NaN/Inf output, see egp_fx.verify) is "inf"."""
-        return _json_safe({"before": self.before.to_dict(), "after": self.after.to_dict(),
+        def rewrite(r: Rewrite) -> dict:
+            d = asdict(r)
+            d["decision"] = r.decision.to_dict() if r.decision else None
+            d["status"] = r.status.value
+            return d
+        capture = self.capture.to_dict() if hasattr(self.capture, "to_dict") else None
+        return _json_safe({"before": self.before.to_dict(),
+                           "after": self.after.to_dict() if self.after else None,
                            "tolerance": self.tolerance, "max_error": self.max_error,
                            "holdout_error": self.holdout_error, "seconds": self.seconds,
+                           "target": self.target, "capture": capture,
                            "passes": [asdict(p) for p in self.passes],
-                           "rewrites": [asdict(r) for r in self.rewrites],
+                           "rewrites": [rewrite(r) for r in self.rewrites],
                            "refusals": [asdict(r) for r in self.refusals]})
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
 
     def summary(self) -> str:
-        b, a = self.before, self.after
+        b, a = self.before, self.after or self.before
         lines = [
             f"{'':22}{'before':>14}{'after':>14}",
             f"{'params':22}{b.params:>14,}{a.params:>14,}",
@@ -79,6 +114,8 @@ class CompressReport:
             f"refused: {len(self.refusals)}; max relative output error {self.max_error:.2e} "
             f"(tolerance {self.tolerance:.0e})",
         ]
+        if self.capture is not None and hasattr(self.capture, "describe"):
+            lines.append(self.capture.describe())
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -92,6 +129,8 @@ def _json_safe(value):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), str):   # str enums
+        return value.value
     return value
 
 

@@ -17,7 +17,7 @@ constant = one region with a nonzero constant; linear = one region with a nonzer
 """
 from __future__ import annotations
 
-
+import math
 from dataclasses import dataclass
 
 import torch
@@ -141,16 +141,10 @@ class ActivationStats:
         out = torch.where(region == 1, mid, out)
         return torch.where(region == 2, high, out)
 
-    @property
-    def fully_single_region(self) -> bool:
-        return bool((self.region_of_channel() >= 0).all())
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out
+    def min_margin(self) -> float:
+        """The smallest margin over the channels that stayed in one region (0 if none)."""
+        single = self.region_of_channel() >= 0
+        return float(self.margin[single].min()) if bool(single.any()) else 0.0
 
 
 def _aminmax(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +191,7 @@ class StatsAccumulator:
         c = z.shape[dim]
         n = z.numel() // c
         # (outer, C, inner) view: reductions run along contiguous memory first, then over `outer`
-        v = z.reshape(-1, c, _prod(z.shape[dim + 1:]))
+        v = z.reshape(-1, c, math.prod(z.shape[dim + 1:]))
         s = self.spec
         zmin, zmax = _aminmax(v)
         on = _count(v.gt(0))
@@ -219,6 +213,13 @@ class StatsAccumulator:
         self.n += n
         self.batches += 1
 
+    def load(self, on, low, high, zmin, zmax, egp_sum, n: int, batches: int) -> None:
+        """Replace the running totals (with reduced ones: distributed.reduce)."""
+        self.on, self.low, self.high, self.zmin, self.zmax = on, low, high, zmin, zmax
+        self.egp_sum, self.n, self.batches = egp_sum, n, batches
+        if on.numel() == 0 and batches == 0:
+            self.on = None
+
     def finish(self) -> ActivationStats | None:
         if self.on is None:
             return None
@@ -226,9 +227,6 @@ class StatsAccumulator:
         return ActivationStats(self.spec, self.channel_dim, self.channel_source, self.n,
                                self.batches, cpu(self.on), cpu(self.low), cpu(self.high),
                                cpu(self.zmin).float(), cpu(self.zmax).float(), float(self.egp_sum))
-
-
-
 
 
 def select_channels(st: ActivationStats, keep: list[int]) -> ActivationStats:

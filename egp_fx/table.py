@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.fx as fx
 
+from .layer import module_path
 from .stats import EGP_META_KEY, ActivationStats
 
 
@@ -14,7 +14,7 @@ from .stats import EGP_META_KEY, ActivationStats
 class LayerRow:
     node: str
     kind: str
-    target: str
+    target: str               # module path of the call in the model
     channels: int
     channel_dim: int
     samples: int
@@ -35,13 +35,11 @@ class LayerRow:
         return "mixed"
 
 
-def _row(node: fx.Node, st: ActivationStats) -> LayerRow:
-    affine = st.channel_affine()
-    single = torch.tensor([a is not None for a in affine], dtype=torch.bool)
-    margin = float(st.margin[single].min()) if bool(single.any()) else 0.0
-    return LayerRow(node.name, st.kind, str(node.target), st.num_channels, st.channel_dim, st.n,
-                    st.dead_channels, st.constant_channels, st.linear_channels,
-                    round(st.egp_entropy, 6), round(st.easier_entropy, 6), round(margin, 6))
+def _row(gm: fx.GraphModule, node: fx.Node, st: ActivationStats) -> LayerRow:
+    """The row of one activation call; figures unrounded (the table rounds only for display)."""
+    return LayerRow(node.name, st.kind, module_path(node, gm), st.num_channels, st.channel_dim,
+                    st.n, st.dead_channels, st.constant_channels, st.linear_channels,
+                    st.egp_entropy, st.easier_entropy, st.min_margin())
 
 
 class LayerTable(list):
@@ -54,8 +52,9 @@ class LayerTable(list):
         return json.dumps(self.to_dicts(), **kw)
 
     def __str__(self) -> str:
-        head = ("node", "kind", "ch", "dead", "const", "linear", "H_egp", "H_easier", "margin", "state")
-        rows = [(r.node, r.kind, str(r.channels), str(len(r.dead)), str(len(r.constant)),
+        head = ("node", "module", "kind", "ch", "dead", "const", "linear", "H_egp", "H_easier",
+                "margin", "state")
+        rows = [(r.node, r.target, r.kind, str(r.channels), str(len(r.dead)), str(len(r.constant)),
                  str(len(r.linear)), f"{r.egp_entropy:.4f}", f"{r.easier_entropy:.4f}",
                  f"{r.min_margin:.3g}", r.state) for r in self]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
@@ -66,5 +65,5 @@ class LayerTable(list):
 
 def layer_stats(gm: fx.GraphModule) -> LayerTable:
     """One row per calibrated activation call of `gm` (the result of calibrate or compress)."""
-    return LayerTable(_row(n, n.meta[EGP_META_KEY]) for n in gm.graph.nodes
+    return LayerTable(_row(gm, n, n.meta[EGP_META_KEY]) for n in gm.graph.nodes
                       if isinstance(n.meta.get(EGP_META_KEY), ActivationStats))

@@ -10,11 +10,16 @@ output does not reproduce exactly, a missing or extra leaf, or a shape change ea
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
+from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
+
+log = logging.getLogger(__name__)
 
 
 def tensor_leaves(out) -> list[torch.Tensor]:
@@ -101,3 +106,106 @@ class ErrorMeter:
     @property
     def error(self) -> float:
         return math.inf if self.reason is not None else relative_error(self.worst, self.scale)
+
+
+# ----------------------------------------------------------------------------- float64 runs
+
+class Float64Run(fx.Interpreter):
+    """Runs a GraphModule in float64 without a float64 copy of it.
+
+    Each parameter is cast when the node that reads it runs (get_attr, call_module), float
+    tensors and float32 dtype arguments are promoted, and the interpreter frees every value
+    after its last use: the extra memory is one layer's float64 weights and the activations.
+    """
+
+    def get_attr(self, target, args, kwargs):
+        return _promote(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        tensors = {**dict(mod.named_parameters()), **dict(mod.named_buffers())}
+        return functional_call(mod, {k: _promote(v) for k, v in tensors.items()},
+                               _promote(tuple(args)), _promote(dict(kwargs)))
+
+    def call_function(self, target, args, kwargs):
+        return target(*_promote(args), **_promote(kwargs))
+
+    def call_method(self, target, args, kwargs):
+        self_obj, *rest = _promote(args)
+        return getattr(self_obj, target)(*rest, **_promote(kwargs))
+
+
+def _promote(value):
+    """float32 tensors and dtype arguments become float64 (nested containers followed)."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.dtype in (torch.float32, torch.float16, torch.bfloat16) else value
+    if isinstance(value, torch.dtype) and value in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float64
+    if isinstance(value, (list, tuple)):
+        return type(value)(_promote(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _promote(v) for k, v in value.items()}
+    return value
+
+
+def run_float64(gm: fx.GraphModule, batch) -> list[torch.Tensor]:
+    """The tensor outputs of gm on `batch` (a data.Batch), computed in float64."""
+    from .shapes import flat_args  # noqa: PLC0415  (shapes imports data, data imports errors)
+
+    with torch.no_grad():
+        out = Float64Run(gm).run(*[_promote(t) for t in flat_args(gm, batch)])
+    return tensor_leaves(out)
+
+
+# ----------------------------------------------------------------------------- verifier
+
+class Verifier:
+    """Judges a rewritten module against the original on fixed batches.
+
+    The error is first taken in float32, as deployed. Beyond the limit it is re-taken in float64
+    (Float64Run: original and candidate both, without float64 copies), which decides, with the
+    tolerance raised to 10x the original model's own float32 rounding noise (its float32 against
+    its float64 output) where that is larger: a rewrite whose error is below the noise floor of
+    the model it replaces cannot be told apart from rounding. An output with a NaN or Inf the
+    reference lacks is never accepted, and never re-checked.
+    """
+
+    def __init__(self, original, batches: list, refs32: list, tolerance: float,
+                 approx_tolerance: float):
+        self.original, self.batches, self.refs32 = original, batches, refs32
+        self.tolerance, self.approx_tolerance = tolerance, approx_tolerance
+        self._refs64: list | None = None
+        self.noise = 0.0
+
+    def _measure(self, run, refs) -> ErrorMeter:
+        meter = ErrorMeter()
+        with torch.no_grad():
+            for batch, ref in zip(self.batches, refs):
+                meter.add(run(batch), ref)
+                if meter.failed:
+                    break
+        return meter
+
+    def error(self, gm, limit: float = 0.0) -> tuple[float, str | None]:
+        """(output error of gm, why it is infinite or None); float64 beyond `limit`."""
+        meter = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32)
+        if meter.failed or meter.error <= limit:
+            return meter.error, meter.reason
+        try:
+            if self._refs64 is None:
+                self._refs64 = [run_float64(self.original, b) for b in self.batches]
+                self.noise = self._measure(lambda b: tensor_leaves(b(self.original)),
+                                           self._refs64).error
+            meter = self._measure(lambda b: run_float64(gm, b), self._refs64)
+        except Exception:  # noqa: BLE001  (an op without float64 support: float32 decides)
+            log.debug("float64 re-check not possible; the float32 error decides", exc_info=True)
+        return meter.error, meter.reason
+
+    def judge(self, gm, rewrites) -> tuple[bool, float, str]:
+        """(accepted, error, the reason a rejected rewrite is rolled back)."""
+        limit = self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
+        err, reason = self.error(gm, limit)
+        bound = max(limit, 10 * self.noise)
+        if reason is not None:
+            return False, err, f"output {reason}"
+        return err <= bound, err, f"output error {err:.3g} beyond tolerance {bound:.3g}"

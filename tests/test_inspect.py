@@ -24,10 +24,9 @@ from egp_fx.inspect.blocks import BlockNamer
 from egp_fx.inspect.graph import load_graph
 from egp_fx.inspect.html import bench_rows
 from egp_fx.inspect.picture import fate
-from egp_fx.inspect.table import category
-from egp_fx.measures import is_nonlinear, is_weighted, longest_path_count, measure
-from egp_fx.passes.base import Refusal, Rewrite
-from egp_fx.report import REPORT_META_KEY, CompressReport, report_of
+from egp_fx.measures import measure, nonlinear_depth, weighted_depth
+from egp_fx.passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
+from egp_fx.report import ORIGINAL_META_KEY, REPORT_META_KEY, CompressReport, Transient, original_of, report_of
 from egp_fx.tracing import trace
 from planted_models import BLOCK_DEAD, STEM_DEAD, WIDTH, planted_net
 
@@ -65,12 +64,12 @@ def test_table_decisions_agree_with_the_report(planted):
     assert decisions, "the planted net must give compress something to decide"
     for node, decision in decisions.items():
         row = rows[node]
-        if decision.startswith("kept: "):
+        if decision.kind is DecisionKind.KEPT:
             assert (row.decision, row.category) == ("kept", "kept")
-            assert decision[len("kept: "):] in row.reason
+            assert decision.why in row.reason
         else:
-            assert row.decision == decision
-            assert row.category == category(decision)
+            assert row.decision == str(decision)
+            assert row.category == decision.kind.value
     assert rows["layer1_0_relu1"].decision == f"narrowed {WIDTH} -> {WIDTH - len(BLOCK_DEAD)}"
     assert rows["layer2_0_relu"].category == "linearised"
     assert rows["layer1_0_relu2"].reason == "every channel is nonlinear on the calibration data"
@@ -79,7 +78,8 @@ def test_table_decisions_agree_with_the_report(planted):
 def test_table_renders_as_text_json_and_html(planted):
     _, ins = planted
     text = str(ins.table)
-    assert text.splitlines()[0].split()[:3] == ["activation", "block", "kind"]
+    assert text.splitlines()[0].split()[:3] == ["activation", "module", "kind"]
+    assert ins.table.by_node()["layer1_0_relu1"].path == "layer1.0.relu1"
     assert len(text.splitlines()) == 2 + len(ins.table)
     data = json.loads(ins.table.to_json())
     assert [d["node"] for d in data] == [r.node for r in ins.table]
@@ -90,7 +90,7 @@ def test_table_renders_as_text_json_and_html(planted):
 
 def test_diff_matches_the_two_graphs(planted):
     gm, ins = planted
-    before = {n.name for n in gm.meta["egp_original"].graph.nodes}
+    before = {n.name for n in original_of(gm).graph.nodes}
     after = {n.name for n in gm.graph.nodes}
     assert set(ins.diff.removed) | set(ins.diff.folded) == before - after
     assert set(ins.diff.added) == after - before
@@ -138,8 +138,8 @@ def test_graph_depths_match_the_report_and_measures(planted):
                                 "nonlinear_depth": report.before.nonlinear_depth}
     assert depths["after"] == {"weighted_depth": report.after.weighted_depth,
                                "nonlinear_depth": report.after.nonlinear_depth}
-    assert depths["after"]["nonlinear_depth"] == longest_path_count(gm, is_nonlinear)
-    assert depths["after"]["weighted_depth"] == longest_path_count(gm, is_weighted)
+    assert depths["after"]["nonlinear_depth"] == nonlinear_depth(gm)
+    assert depths["after"]["weighted_depth"] == weighted_depth(gm)
 
 
 @pytest.mark.parametrize("suffix", [".graphml", ".json"])
@@ -178,11 +178,11 @@ def _hand_made():
     report.rewrites = [
         Rewrite("linear_units", "linearise", "layer2_0_relu", ["layer2_0_relu"], True,
                 "layer2_0_relu (relu) -> identity", activation="layer2_0_relu",
-                decision="linearised"),
+                decision=Decision(DecisionKind.LINEARISED)),
         Rewrite("dead_channels", "narrow_channels", "layer1_0_relu1",
                 ["layer1_0_conv1", "layer1_0_relu1", "layer1_0_conv2"], True, "narrow",
-                activation="layer1_0_relu1", decision="narrowed 8 -> 7", error=3e-3,
-                status="rolled back"),
+                activation="layer1_0_relu1", decision=Decision(DecisionKind.NARROWED, before=8, after=7),
+                error=3e-3, status=Status.ROLLED_BACK),
     ]
     report.refusals = [
         Refusal("dead_channels", "stem_2", ["stem_2"], "dead channels kept: feeds add",
@@ -191,7 +191,7 @@ def _hand_made():
                 "rolled back: output error 0.003 beyond tolerance", activation="layer1_0_relu1"),
     ]
     gm.meta[REPORT_META_KEY] = report
-    gm.meta["egp_original"] = original
+    gm.meta[ORIGINAL_META_KEY] = Transient(original)
     return gm, x, conv.name
 
 

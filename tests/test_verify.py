@@ -2,6 +2,7 @@
 rewrites (bisection neither over- nor under-rolls back)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 import egp_fx
+import egp_fx.passes as passes
+from egp_fx.passes.base import Candidate, Rewrite
 from egp_fx.compress import output_error
 from egp_fx.verify import ErrorMeter, compare
 
@@ -129,24 +132,22 @@ def test_failing_group_keeps_exactly_its_good_rewrites():
             torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
 
 
+def _scale(gm, node, factor):
+    with gm.graph.inserting_after(node):
+        scaled = gm.graph.call_function(torch.mul, (node, factor))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+    return Rewrite("poison", "scale", node.name, [node.name], True, f"{node.name} times {factor}")
+
+
 def test_nan_producing_pass_is_rolled_back_and_named(monkeypatch):
     """A pass that writes NaN into one of three activations: only that rewrite is undone."""
-    import egp_fx.passes as passes_module
-    from egp_fx.passes.base import Rewrite, finish
-
     def poison(gm, ctx):
-        rewrites = []
         for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target is torch.relu and ctx.allows(node.name):
+            if node.op == "call_function" and node.target is torch.relu:
                 factor = math.nan if node.name == "relu_1" else 1.0
-                with gm.graph.inserting_after(node):
-                    scaled = gm.graph.call_function(torch.mul, (node, factor))
-                node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
-                rewrites.append(Rewrite("poison", "scale", node.name, [node.name], True,
-                                        f"{node.name} times {factor}"))
-        return finish(gm, "poison", rewrites, [])
+                yield Candidate(node.name, functools.partial(_scale, gm, node, factor))
 
-    monkeypatch.setitem(passes_module.PASSES, "poison", poison)
+    monkeypatch.setitem(passes.PASSES, "poison", passes.PassSpec("poison", poison, (), False, ""))
     model = _ThreeStages()
     calib = _signed_data(2, 1.0, 0)
     gm = egp_fx.compress(model, calib, passes=("poison",), progress=False)

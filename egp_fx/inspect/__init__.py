@@ -23,7 +23,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..report import CompressReport, report_of
+from ..data import Batch, as_batch
+from ..report import EXAMPLE_META_KEY, CompressReport, original_of, report_of
 from .blocks import BlockNamer
 from .costs import node_costs
 from .diff import BlockDiff, GraphDiff, NodeChange
@@ -34,8 +35,6 @@ __all__ = ["BlockDiff", "DecisionRow", "DecisionTable", "GraphDiff", "Inspection
            "inspect"]
 
 log = logging.getLogger(__name__)
-ORIGINAL_META_KEY = "egp_original"
-EXAMPLE_META_KEY = "egp_example_input"
 
 
 @dataclass
@@ -105,16 +104,16 @@ class Inspection:
         return path
 
 
-def _example_input(gm: fx.GraphModule, given: torch.Tensor | None) -> torch.Tensor:
+def _example_input(gm: fx.GraphModule, given) -> Batch:
     if given is not None:
-        return given
+        return as_batch(given)
     stored = gm.meta.get(EXAMPLE_META_KEY)
-    if isinstance(stored, torch.Tensor):
-        return stored
+    if stored is not None:
+        return as_batch(stored)
     for node in gm.graph.nodes:
         tm = node.meta.get("tensor_meta") if node.op == "placeholder" else None
         if tm is not None and hasattr(tm, "shape"):
-            return torch.zeros(tuple(tm.shape), dtype=tm.dtype)
+            return Batch((torch.zeros(tuple(tm.shape), dtype=tm.dtype),))
     raise ValueError("inspect() needs the input shape to count FLOPs per node: pass "
                      "example_input= (one batch of calibration data)")
 
@@ -129,10 +128,11 @@ def inspect(compressed: fx.GraphModule, *, example_input: torch.Tensor | None = 
                    markdown text, or a list of row dicts).
     """
     report = report_of(compressed)
-    original = getattr(compressed, "meta", {}).get(ORIGINAL_META_KEY)
+    original = original_of(compressed)
     if not isinstance(original, fx.GraphModule):
-        raise KeyError("this module carries no traced original (gm.meta['egp_original']): "
-                       "inspect() needs the module egp_fx.compress() returned")
+        raise KeyError("this module carries no captured original (it is kept in memory only, "
+                       "not saved with the module): inspect() needs the module egp_fx.compress() "
+                       "returned in this process")
     x = _example_input(compressed, example_input)
     costs = (node_costs(original, x), node_costs(compressed, x))
     namer = BlockNamer(original)

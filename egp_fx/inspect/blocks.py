@@ -25,30 +25,38 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from ..measures import is_weighted
+from ..layer import CAPTURE_META_KEY
+from ..measures import WEIGHTED
+from ..ops import Ops
 
 INPUT_BLOCK = "(input)"
 OUTPUT_BLOCK = "(output)"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _stack_paths(node: fx.Node) -> list[tuple[str, type | None]]:
+def _strip(path: str, prefix: str) -> str:
+    return path[len(prefix):] if prefix and (path + ".").startswith(prefix) else path
+
+
+def _stack_paths(node: fx.Node, prefix: str = "") -> list[tuple[str, type | None]]:
     out = []
     for value in (node.meta.get("nn_module_stack") or {}).values():
         path, cls = value if isinstance(value, tuple) else (value, None)
-        out.append((str(path), cls if isinstance(cls, type) else None))
+        path = _strip(str(path), prefix)
+        if path:
+            out.append((path, cls if isinstance(cls, type) else None))
     return out
 
 
-def module_path(node: fx.Node) -> str | None:
-    """The module a node was traced inside (None at top level)."""
+def module_path(node: fx.Node, prefix: str = "") -> str | None:
+    """The module a node was captured inside (None at top level); `prefix` is the capture's."""
     if node.op == "call_module":
         return str(node.target)
-    stack = _stack_paths(node)
+    stack = _stack_paths(node, prefix)
     if stack:
         return stack[-1][0]
     if node.op == "get_attr" and "." in str(node.target):
-        return str(node.target).rsplit(".", 1)[0]
+        return _strip(str(node.target).rsplit(".", 1)[0], prefix) or None
     return None
 
 
@@ -60,16 +68,19 @@ class BlockNamer:
         self._children: dict[str, set[str]] = defaultdict(set)
         self._weighted: dict[str, set[str]] = defaultdict(set)
         self._cache: dict[str, str] = {}
-        modules = dict(gm.named_modules())
+        info = gm.meta.get(CAPTURE_META_KEY)
+        self.prefix = info.prefix if info is not None else ""
+        ops = Ops(gm)
+        modules = ops.modules
         for node in gm.graph.nodes:
-            for path, cls in _stack_paths(node):
+            for path, cls in _stack_paths(node, self.prefix):
                 self._add_path(path, cls)
-            path = module_path(node)
+            path = module_path(node, self.prefix)
             if path is None:
                 continue
             self._add_path(path, type(modules[path]) if node.op == "call_module"
                            and path in modules else None)
-            if is_weighted(node, modules):
+            if ops(node).role in WEIGHTED:
                 item = path if node.op == "call_module" else f"{path}:{node.name}"
                 parts = path.split(".")
                 for i in range(1, len(parts) + 1):
@@ -127,7 +138,7 @@ class BlockNamer:
             elif node.op == "output":
                 out[node.name] = OUTPUT_BLOCK
             else:
-                path = module_path(node)
+                path = module_path(node, self.prefix)
                 if path is not None:
                     out[node.name] = self.block_of_path(path)
                 else:

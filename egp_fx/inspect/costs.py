@@ -16,7 +16,9 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-_RUNNING_STATS = {"running_mean", "running_var", "num_batches_tracked"}
+from ..data import as_batch
+from ..measures import RUNNING_STATS as _RUNNING_STATS
+from ..shapes import flat_args
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,12 @@ class _CostInterpreter(fx.Interpreter):
         return out
 
 
-def node_costs(gm: fx.GraphModule, example_input: torch.Tensor) -> dict[str, NodeCost]:
-    """Node name -> NodeCost, from one run of `gm` on the first sample of `example_input`."""
-    device = next((p.device for p in gm.parameters()), example_input.device)
+def node_costs(gm: fx.GraphModule, example) -> dict[str, NodeCost]:
+    """Node name -> NodeCost, from one run of `gm` on the first sample of `example` (a tensor or
+    a batch)."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    batch = as_batch(example).head(1).to(device)
     interp = _CostInterpreter(gm)
     with torch.no_grad():
-        interp.run(example_input[:1].to(device))
+        interp.run(*flat_args(gm, batch))
     return interp.costs

@@ -3,7 +3,7 @@
 compress keeps the names of the nodes that survive, so nodes are matched by name:
 - removed  : in the original only; `by` names the applied rewrite that lists the node, or
              "dead code" when it went with eliminate_dead_code after a rewrite cut its users;
-- folded   : removed by a folding rewrite (fold_bn, fold_linear, or a decision "folded into X");
+- folded   : removed by a folding rewrite (fold_bn, a fold rule, or a FOLDED decision);
              `into` names the node that absorbed it;
 - added    : in the compressed graph only (constants, explicit affine maps a pass inserted);
 - modified : in both, but the module's tensors changed shape (narrowed), values (something was
@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx as fx
 
-from ..measures import is_nonlinear, is_weighted
-from ..passes.base import Rewrite
+from ..measures import NONLINEAR, WEIGHTED
+from ..ops import Ops
+from ..passes.base import DecisionKind, Rewrite
 from ..report import CompressReport
 from ._markup import html_table, percent_change, text_table
 from .costs import NodeCost
@@ -72,15 +73,17 @@ class BlockDiff:
 def _removal(rws: list[Rewrite], survivors: set[str], name: str) -> tuple[str, str | None, str]:
     """(change, into, detail) for a node that is gone: the last rewrite listing it decides.
 
-    It was folded when that rewrite folds (fold_bn, fold_linear, a decision "folded into X") and
+    It was folded when that rewrite folds (fold_bn, a fold rule, a FOLDED decision) and
     the node is not the one folded into; otherwise it was removed.
     """
     if not rws:
         return "removed", None, "dead code: no rewrite lists it; its users went"
     last = rws[-1]
-    if "fold" in last.kind or (last.decision or "").startswith("folded"):
-        m = _INTO.search(last.decision or "") or _INTO.search(last.detail)
-        into = m.group(1) if m else next((n for n in last.nodes if n in survivors and n != name), None)
+    folded = last.decision is not None and last.decision.kind is DecisionKind.FOLDED
+    if "fold" in last.kind or folded:
+        survivor = next((n for n in reversed(last.nodes) if n in survivors and n != name), None)
+        m = _INTO.search(last.detail)
+        into = survivor or (m.group(1) if m else None)
         if into != name:
             return "folded", into, last.detail
     return "removed", None, last.detail
@@ -225,13 +228,14 @@ def _block_totals(original, compressed, changes, costs, blocks) -> list[BlockDif
                     params_before=0, params_after=0, flops_before=0, flops_after=0) for b in order}
     for gm, cost, block, side in ((original, costs[0], blocks[0], "before"),
                                   (compressed, costs[1], blocks[1], "after")):
-        modules = dict(gm.named_modules())
+        ops = Ops(gm)
         for node in gm.graph.nodes:
             row = rows[block[node.name]]
             if node.op not in ("placeholder", "output", "get_attr"):
                 row[f"nodes_{side}"] += 1
-            row[f"weighted_{side}"] += is_weighted(node, modules)
-            row[f"nonlinear_{side}"] += is_nonlinear(node, modules)
+            role = ops(node).role
+            row[f"weighted_{side}"] += role in WEIGHTED
+            row[f"nonlinear_{side}"] += role in NONLINEAR
             c = cost.get(node.name)
             if c is not None:
                 row[f"params_{side}"] += c.params

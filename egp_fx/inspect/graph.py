@@ -16,57 +16,38 @@ layers on the longest path (`weighted` nodes) and nonlinear calls on it (`nonlin
 from __future__ import annotations
 
 import json
-import operator
 from pathlib import Path
 
 import networkx as nx
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-from ..measures import is_nonlinear, is_weighted
-from ..regions import activation_kind
+from ..layer import module_path
+from ..measures import NONLINEAR, WEIGHTED
+from ..ops import Ops, Role
 from ..stats import EGP_META_KEY, ActivationStats
 from .costs import NodeCost
 from .table import DecisionRow
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-          nn.InstanceNorm2d)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_FUNCTION_ROLES = {
-    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear",
-    torch.matmul: "matmul", torch.bmm: "matmul", torch.baddbmm: "matmul", operator.matmul: "matmul",
-    F.layer_norm: "norm", F.batch_norm: "norm", F.group_norm: "norm",
-    operator.add: "add", operator.iadd: "add", torch.add: "add", torch.cat: "concat",
-    F.max_pool2d: "pool", F.avg_pool2d: "pool", F.adaptive_avg_pool2d: "pool",
-}
-_METHOD_ROLES = {"add": "add", "add_": "add", "matmul": "matmul", "bmm": "matmul", "mean": "pool"}
+_PICTURE_ROLES = {Role.MATMUL: "matmul", Role.NORM: "norm", Role.LAYER_NORM: "norm",
+                  Role.ACTIVATION: "act", Role.NONLINEAR: "act", Role.POOL: "pool",
+                  Role.ADD: "add", Role.CAT: "concat"}
 
 
-def role_of(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+def role_of(node: fx.Node, ops: Ops) -> str:
     """A coarse role for pictures and queries (conv, linear, matmul, norm, act, add, ...)."""
     if node.op in ("placeholder", "output", "get_attr"):
         return {"placeholder": "input", "output": "output", "get_attr": "attr"}[node.op]
-    if is_nonlinear(node, modules):
-        return "act"
-    if node.op == "call_module":
-        mod = modules.get(node.target)
-        if isinstance(mod, nn.Linear):
-            return "linear"
-        if is_weighted(node, modules):
-            return "conv"
-        if isinstance(mod, _NORMS):
-            return "norm"
-        return "pool" if isinstance(mod, _POOLS) else "other"
-    role = _FUNCTION_ROLES.get(node.target) if node.op == "call_function" else _METHOD_ROLES.get(node.target)
-    if role == "add" and sum(isinstance(a, fx.Node) for a in node.args) < 2:
+    op = ops(node)
+    if op.role is Role.LAYER:
+        return "linear" if op.kind == "linear" else "conv"
+    role = _PICTURE_ROLES.get(op.role, "other")
+    if role == "add" and sum(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args) < 2:
         return "other"   # x + constant: not a join of two branches
-    return role or "other"
+    return role
 
 
-def _role(node: fx.Node, modules: dict[str, nn.Module], cost: NodeCost | None) -> str:
-    role = role_of(node, modules)
+def _role(node: fx.Node, ops: Ops, cost: NodeCost | None) -> str:
+    role = role_of(node, ops)
     return "compute" if role == "other" and cost is not None and cost.flops > 0 else role
 
 
@@ -87,20 +68,23 @@ def graph_of(gm: fx.GraphModule, *, costs: dict[str, NodeCost] | None = None,
              status: dict[str, str] | None = None, change: dict[str, str] | None = None,
              name: str = "") -> nx.DiGraph:
     """The DiGraph of `gm`, annotated with costs, blocks, decisions and diff status when given."""
-    modules = dict(gm.named_modules())
+    ops = Ops(gm)
+    modules = ops.modules
     costs, blocks, rows = costs or {}, blocks or {}, rows or {}
     status, change = status or {}, change or {}
     g = nx.DiGraph(name=name)
     for node in gm.graph.nodes:
         cost, row = costs.get(node.name), rows.get(node.name)
         mod = modules.get(node.target) if node.op == "call_module" else None
+        op = ops(node)
         g.add_node(
             node.name, op=node.op, target=str(node.target),
             module_type=type(mod).__name__ if mod is not None else "",
-            block=blocks.get(node.name, ""), role=_role(node, modules, cost), shape=_shape_text(cost),
+            block=blocks.get(node.name, ""), role=_role(node, ops, cost), shape=_shape_text(cost),
             flops=cost.flops if cost else 0, params=cost.params if cost else 0,
-            weighted=is_weighted(node, modules), nonlinear=is_nonlinear(node, modules),
-            activation=activation_kind(node, modules) or "", **_stats_attrs(node),
+            weighted=op.role in WEIGHTED, nonlinear=op.role in NONLINEAR,
+            activation=op.kind if op.role is Role.ACTIVATION else "", **_stats_attrs(node),
+            path=module_path(node, gm),
             margin=row.margin if row else 0.0, decision=row.decision if row else "",
             category=row.category if row else "", status=status.get(node.name, "kept"),
             change=change.get(node.name, ""))

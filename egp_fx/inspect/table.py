@@ -2,39 +2,31 @@
 
 Each row joins what calibration measured (channels; dead, constant and linear channels; the EGP
 and EASIER entropies; the smallest margin from a region boundary) with what compress decided
-(CompressReport.decisions(): "removed", "narrowed 64 -> 60", "linearised", "folded into X", or
-"kept" with the reason every pass gave for leaving it). An activation that vanished without a
+(CompressReport.decisions(): a passes.base.Decision, removed / narrowed / linearised / folded /
+kept, with the reason every pass gave for leaving it). An activation that vanished without a
 decision of its own (it sat in a branch another rewrite removed) says which rewrite took it.
-Rendered as text, JSON and an HTML fragment.
+Layers are named by their module path. Rendered as text, JSON and an HTML fragment.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch
 import torch.fx as fx
 
+from ..layer import module_path
+from ..passes.base import Decision, DecisionKind
 from ..report import CompressReport
 from ..stats import EGP_META_KEY, ActivationStats
 from ._markup import html_table, text_table
 
-CATEGORIES = ("removed", "narrowed", "linearised", "folded", "changed", "kept")
-
-
-def category(decision: str) -> str:
-    """The kind of a decision string: one of CATEGORIES."""
-    d = decision.strip().lower()
-    for prefix, cat in (("removed", "removed"), ("narrowed", "narrowed"), ("lineari", "linearised"),
-                        ("folded", "folded"), ("kept", "kept")):
-        if d.startswith(prefix):
-            return cat
-    return "changed"
+CATEGORIES = tuple(k.value for k in DecisionKind)
 
 
 @dataclass
 class DecisionRow:
     node: str                  # activation call in the original graph
+    path: str                  # its module path in the model
     block: str
     kind: str                  # relu, gelu, ...
     channels: int
@@ -44,8 +36,8 @@ class DecisionRow:
     egp_entropy: float
     easier_entropy: float
     margin: float              # smallest margin over single-region channels (0 if none)
-    decision: str              # as CompressReport.decisions() says, or "kept" / "removed"
-    category: str              # one of CATEGORIES
+    decision: str              # the Decision as text ("narrowed 64 -> 48", ...)
+    category: str              # its kind: one of CATEGORIES
     reason: str                # why it was kept, or what the rewrite did
     params_saved: int = 0
     flops_saved: int = 0
@@ -57,26 +49,21 @@ class DecisionRow:
         return self.dead + self.constant + self.linear
 
 
-def _margin(st: ActivationStats) -> float:
-    single = torch.tensor([a is not None for a in st.channel_affine()], dtype=torch.bool)
-    return float(st.margin[single].min()) if bool(single.any()) else 0.0
-
-
 def _undecided(st: ActivationStats, node: str, report: CompressReport,
-               survivors: set[str]) -> tuple[str, str]:
+               survivors: set[str]) -> tuple[Decision, str]:
     """(decision, reason) for an activation the report has no decision for."""
     if node not in survivors:
         by = [rw for rw in report.applied if node in rw.nodes]
         if by:
-            return "removed", f"removed with {by[0].key} ({by[0].kind}: {by[0].detail})"
-        return "removed", "removed as dead code after the rewrites around it"
+            return Decision(DecisionKind.REMOVED), f"removed with {by[0].key} ({by[0].kind}: {by[0].detail})"
+        return Decision(DecisionKind.REMOVED), "removed as dead code after the rewrites around it"
     if not (st.dead_channels or st.constant_channels or st.linear_channels):
-        return "kept", "every channel is nonlinear on the calibration data"
-    return "kept", "single-region channels, but no pass proposed a rewrite"
+        return Decision(DecisionKind.KEPT), "every channel is nonlinear on the calibration data"
+    return Decision(DecisionKind.KEPT), "single-region channels, but no pass proposed a rewrite"
 
 
-def _row(node: fx.Node, st: ActivationStats, block: str, report: CompressReport,
-         decisions: dict[str, str], survivors: set[str]) -> DecisionRow:
+def _row(gm: fx.GraphModule, node: fx.Node, st: ActivationStats, block: str,
+         report: CompressReport, decisions: dict[str, Decision], survivors: set[str]) -> DecisionRow:
     applied = [rw for rw in report.applied if rw.activation == node.name]
     refused = [rf for rf in report.refusals if rf.activation == node.name]
     history = [f"{rw.pass_name}/{rw.kind} {rw.status}: {rw.detail}" for rw in report.rewrites
@@ -84,16 +71,17 @@ def _row(node: fx.Node, st: ActivationStats, block: str, report: CompressReport,
     history += [f"{rf.pass_name} refused: {rf.reason}" for rf in refused]
     if node.name in decisions:
         decision = decisions[node.name]
-        if decision.startswith("kept: "):
-            decision, reason = "kept", "; ".join(dict.fromkeys(rf.reason for rf in refused))
+        if decision.kind is DecisionKind.KEPT:
+            decision = Decision(DecisionKind.KEPT)
+            reason = "; ".join(dict.fromkeys(rf.reason for rf in refused))
         else:
             reason = "; ".join(rw.detail for rw in applied)
     else:
         decision, reason = _undecided(st, node.name, report, survivors)
     return DecisionRow(
-        node.name, block, st.kind, st.num_channels, len(st.dead_channels),
-        len(st.constant_channels), len(st.linear_channels), round(st.egp_entropy, 6),
-        round(st.easier_entropy, 6), round(_margin(st), 6), decision, category(decision), reason,
+        node.name, module_path(node, gm), block, st.kind, st.num_channels, len(st.dead_channels),
+        len(st.constant_channels), len(st.linear_channels), st.egp_entropy, st.easier_entropy,
+        st.min_margin(), str(decision), decision.kind.value, reason,
         sum(rw.params_saved for rw in applied), sum(rw.flops_saved for rw in applied),
         st.dead_channels, history)
 
@@ -107,7 +95,8 @@ class DecisionTable(list):
         """One row per calibrated activation call of `original`, in graph order."""
         decisions = report.decisions()
         survivors = {n.name for n in compressed.graph.nodes}
-        return cls(_row(n, n.meta[EGP_META_KEY], blocks.get(n.name, ""), report, decisions, survivors)
+        return cls(_row(original, n, n.meta[EGP_META_KEY], blocks.get(n.name, ""), report,
+                        decisions, survivors)
                    for n in original.graph.nodes
                    if isinstance(n.meta.get(EGP_META_KEY), ActivationStats))
 
@@ -124,11 +113,11 @@ class DecisionTable(list):
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dicts(), **kw)
 
-    _HEAD = ("activation", "block", "kind", "ch", "dead", "const", "linear", "H_egp", "margin",
+    _HEAD = ("activation", "module", "kind", "ch", "dead", "const", "linear", "H_egp", "margin",
              "decision", "reason")
 
     def _cells(self, r: DecisionRow) -> list[str]:
-        return [r.node, r.block, r.kind, str(r.channels), str(r.dead), str(r.constant),
+        return [r.node, r.path, r.kind, str(r.channels), str(r.dead), str(r.constant),
                 str(r.linear), f"{r.egp_entropy:.3f}", f"{r.margin:.3g}", r.decision, r.reason]
 
     def __str__(self) -> str:

@@ -1,35 +1,82 @@
-"""What every rewrite pass takes and returns.
+"""What every rewrite pass takes and gives back.
 
-A pass is a function `run(gm, ctx) -> PassOutcome`. It mutates `gm` in place (compress hands it a
-copy it can throw away), records one Rewrite per change and one Refusal per candidate it turned
-down, and honours `ctx.allows(key)`: when compress bisects a failed group it re-runs the pass
-allowing one key at a time. Keys are stable names (the anchor node's name).
+A pass is a generator `run(gm, ctx)` registered with `passes.register`. It walks the graph and
+yields, for every candidate it considers,
+- a Refusal (the check that failed and why), or
+- a Candidate: a stable key (the anchor node's name) and `apply()`, which rewrites gm in place
+  and returns the Rewrite record. The value sent back into the generator is that Rewrite, or
+  None when the driver chose not to apply the candidate.
+The driver (`run_pass`) decides which candidates to apply: all of them, or, when compress bisects
+a failed group, a subset by key. Passes know nothing about verification or rollback. The driver
+then cleans the graph (dead code, unused modules and tensors), lints it and regenerates code.
+
+Decisions are data (Decision, Status): inspect reads them directly.
 """
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+
+from ..data import Batch
+from ..ops import Ops
+from ..shapes import propagate
+
+
+class Status(str, enum.Enum):
+    APPLIED = "applied"
+    ROLLED_BACK = "rolled back"
+
+
+class DecisionKind(str, enum.Enum):
+    """What happened to an activation call (one of the table's categories)."""
+
+    REMOVED = "removed"
+    NARROWED = "narrowed"
+    LINEARISED = "linearised"
+    FOLDED = "folded"
+    KEPT = "kept"
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: DecisionKind
+    why: str = ""                  # "constant output", "input is non-negative", ...
+    before: int | None = None      # widths, for NARROWED
+    after: int | None = None
+    into: str | None = None        # the layer it was folded into, for FOLDED
+
+    def __str__(self) -> str:
+        if self.kind is DecisionKind.NARROWED:
+            return f"narrowed {self.before} -> {self.after}"
+        if self.kind is DecisionKind.FOLDED:
+            return f"folded into {self.into}"
+        return f"{self.kind.value} ({self.why})" if self.why else self.kind.value
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.value, "why": self.why, "before": self.before,
+                "after": self.after, "into": self.into, "text": str(self)}
 
 
 @dataclass
 class Rewrite:
     pass_name: str
-    kind: str                      # e.g. "fold_bn", "narrow_channels", "drop_branch", ...
+    kind: str                      # e.g. "fold_bn", "narrow_channels", "constant_branch", ...
     key: str                       # stable identity (anchor node name), used for bisection
-    nodes: list[str]               # nodes of the ORIGINAL graph involved
+    nodes: list[str]               # nodes of the graph involved (names as in the original)
     exact: bool
     detail: str
     params_saved: int = 0
     flops_saved: int = 0           # analytic, per sample
     activation: str | None = None  # the activation call this decision is about, if any
-    decision: str | None = None    # "removed", "narrowed 64 -> 60", "linearised", "folded into X"
+    decision: Decision | None = None
+    path: str = ""                 # module path of the anchor, for reports
+    bound: float | None = None     # for rewrites exact up to rounding: the bound used
     error: float | None = None     # measured relative output error after the group was applied
-    status: str = "applied"        # "applied" or "rolled back"
+    status: Status = Status.APPLIED
 
 
 @dataclass
@@ -39,40 +86,41 @@ class Refusal:
     nodes: list[str]
     reason: str
     activation: str | None = None
+    path: str = ""
+
+
+@dataclass
+class Candidate:
+    """A rewrite the pass is ready to make: `apply()` makes it and returns its record."""
+
+    key: str
+    apply: Callable[[], Rewrite]
+
+
+PassRun = Generator["Candidate | Refusal", "Rewrite | None", None]
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """Options every pass may read (compress's keyword arguments)."""
+
+    channel_multiple: int = 16          # narrowed widths stay a multiple of this
+    allow_approximate: bool = False
+    cost: str = "flops"                 # "flops" or "latency"
+    latency_fn: Callable | None = None  # (nn.Module, input) -> seconds, for cost="latency"
 
 
 @dataclass
 class PassContext:
-    example_input: torch.Tensor              # one batch (size 1 is enough) for shapes
-    allow_approximate: bool = False
-    cost: str = "flops"                      # "flops" or "latency"
-    only: set[str] | None = None
-    latency_fn: Callable | None = None       # (nn.Module, input) -> seconds, for cost="latency"
-    options: dict = field(default_factory=dict)
+    example: Batch                      # one sample, for shapes
+    options: PassOptions = field(default_factory=PassOptions)
+    ops: Ops | None = None              # the classifier of the graph being rewritten
 
-    def allows(self, key: str) -> bool:
-        return self.only is None or key in self.only
-
-    def shapes(self, gm: fx.GraphModule) -> None:
-        """Fill node.meta['tensor_meta'] by running ShapeProp on the example input.
-
-        Runs on fake tensors: shapes and dtypes only, no arithmetic (about 10x cheaper). Skipped
-        when gm still carries the shapes of the last run (compress drops the mark after a pass
-        that modified gm; deep copies keep both the shapes and the mark).
-        """
-        if gm.meta.get(SHAPES_MARK):
-            return
-        gm.meta[SHAPES_MARK] = True
-        prop = ShapeProp(gm)  # built outside the fake mode: it would deep-copy gm to fake tensors
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            prop.propagate(mode.from_tensor(self.example_input))
-
-
-SHAPES_MARK = "_egp_shapes_valid"
-
-
-def invalidate_shapes(gm: fx.GraphModule) -> None:
-    gm.meta.pop(SHAPES_MARK, None)
+    def begin(self, gm: fx.GraphModule, shapes: bool) -> None:
+        """Prepare for a pass over gm: the op table, and shapes when the pass reads them."""
+        self.ops = Ops(gm)
+        if shapes:
+            propagate(gm, self.example)
 
 
 class PassOutcome(NamedTuple):
@@ -80,20 +128,3 @@ class PassOutcome(NamedTuple):
     modified: bool
     rewrites: list[Rewrite]
     refusals: list[Refusal]
-
-
-def finish(gm: fx.GraphModule, name: str, rewrites: list[Rewrite],
-           refusals: list[Refusal]) -> PassOutcome:
-    """Common tail of every pass: clean the graph, check it, regenerate code."""
-    if rewrites:
-        invalidate_shapes(gm)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return PassOutcome(gm, bool(rewrites), rewrites, refusals)
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta")
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None

@@ -1,46 +1,51 @@
-"""Pass 7: cleanup. Dropout in eval mode and identity modules are removed; dead code goes.
+"""Cleanup: eval-mode no-ops (dropout, identity, alias, clone) go, then dead code.
 
-Also run first, as preparation: a parametrised module called from several places is given one
-copy per call (`unshare`), so that a rewrite of one call cannot change another.
+Also, before the passes run, `unshare` gives each call of a parametrised module its own copy,
+so that a rewrite of one call cannot change another.
 """
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-from .base import PassContext, PassOutcome, Rewrite, finish
+from ..layer import module_path
+from ..ops import Role, main_input
+from . import register
+from .base import Candidate, PassContext, PassRun, Rewrite
 
 NAME = "cleanup"
-_NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.AlphaDropout)
 
 
-def _is_noop(gm, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, _NOOP_MODULES) or type(mod).__name__ in ("DropPath", "Identity")
-    if node.op == "call_function" and node.target is F.dropout:
-        return True
-    return False
+def _drop(gm: fx.GraphModule, node: fx.Node) -> Rewrite:
+    path = module_path(node, gm)
+    node.replace_all_uses_with(main_input(node))
+    gm.graph.erase_node(node)
+    return Rewrite(NAME, "drop_noop", node.name, [node.name], True,
+                   f"{node.name}: no-op in eval mode", path=path)
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-    rewrites = []
-    for node in list(gm.graph.nodes):
-        if _is_noop(gm, node) and node.args and isinstance(node.args[0], fx.Node) \
-                and ctx.allows(node.name):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            rewrites.append(Rewrite(NAME, "drop_noop", node.name, [node.name], True,
-                                    f"{node.name}: no-op in eval mode"))
+def _dead_code(gm: fx.GraphModule) -> Rewrite:
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
-    if len(gm.graph.nodes) != before and not rewrites:
-        rewrites.append(Rewrite(NAME, "dead_code", "dead_code", [], True,
-                                f"{before - len(gm.graph.nodes)} dead node(s) removed"))
-    return finish(gm, NAME, rewrites, [])
+    return Rewrite(NAME, "dead_code", "dead_code", [], True,
+                   f"{before - len(gm.graph.nodes)} dead node(s) removed")
+
+
+def _has_dead_code(gm: fx.GraphModule) -> bool:
+    return any(not n.users and n.op not in ("output", "placeholder") and not n.is_impure()
+               for n in gm.graph.nodes)
+
+
+@register(NAME, positions=(0, 90))
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
+    applied = False
+    for node in list(gm.graph.nodes):
+        if ctx.ops(node).role is Role.IDENTITY and main_input(node) is not None:
+            applied = (yield Candidate(node.name, functools.partial(_drop, gm, node))) or applied
+    if not applied and _has_dead_code(gm):
+        yield Candidate("dead_code", functools.partial(_dead_code, gm))
 
 
 def unshare(gm: fx.GraphModule) -> int:

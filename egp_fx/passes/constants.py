@@ -1,4 +1,5 @@
-"""Passes 3 and 6: dead activations and collapsed layers become constants; constants propagate.
+"""constants: dead activations and collapsed layers become constants; constants propagate, and a
+constant that is zero up to rounding is zero.
 
 Seeds (each exact):
 - an activation call whose every channel stayed in a constant region on the calibration data
@@ -7,119 +8,190 @@ Seeds (each exact):
 - a conv/linear whose weights are all zero (what EGP's pruning produces) outputs its bias
   everywhere, zero-padded borders included, without looking at data.
 
-A constant flows forward through per-sample ops (conv, linear, BatchNorm, activations, pooling,
-dropout, identity, flatten, arithmetic among constants): they are evaluated once, on a batch of
-one, and the node becomes a buffer. Where a constant meets a live tensor in an add/sub/mul it
+A constant flows forward through per-sample ops (layers, BatchNorm, activations, pooling,
+identity, flatten, arithmetic among constants): they are evaluated once, on a batch of one, in
+float64, and the node becomes a buffer. Where a constant meets a live tensor in an add/sub/mul it
 broadcasts over the batch. A constant that would reach anything else (a concat, the output, a
 reshape that reads the batch size) makes the seed refused.
 
-Then algebra: x + 0 -> x, x * 1 -> x, and an activation whose input is provably non-negative
-(relu/relu6 outputs, non-negative constants, sums/pools of those) becomes the identity for relu.
-A BasicBlock whose first ReLU is dead thus loses both convs; its add and, when its BatchNorm shift
-is zero, the second ReLU vanish too.
+Zero up to rounding. Next to each value v the evaluation carries M, the sum of the magnitudes of
+the terms that produced it (|W| M_in + M_b through a layer, |s| M_in + |mean s| + |beta| through a
+BatchNorm, M_a + M_b through an add; a folded bias brings the magnitude fold_bn recorded), and k,
+the longest chain of float32 roundings behind it (a layer adds its fan-in). The float32 model
+computes v with an error up to k u M (u = 2^-24). A constant whose every entry has
+|v| <= k u M is zero to within the rounding of its own computation: it becomes exactly zero
+(rewrite kind "zero_up_to_rounding", with that bound). A BatchNorm whose shift cancels its mean
+term then leaves no `x + 1e-8` behind.
+
+Then algebra: x + 0 -> x, (x + c1) + c2 -> x + (c1 + c2), and a ReLU whose input is provably
+non-negative (relu/relu6 outputs, non-negative constants, sums, pools and concats of those)
+goes. A BasicBlock whose first ReLU is dead thus loses both convs, its add and its second ReLU.
 """
 from __future__ import annotations
 
+import functools
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch.func import functional_call
 
-from ..regions import NONNEGATIVE_KINDS, activation_kind
+from ..layer import attr, layer_of, module_path, norm_of, set_attr
+from ..ops import ARITHMETIC, Role, main_input
+from ..regions import NONNEGATIVE_KINDS
+from ..shapes import dtype_of, shape_of
 from ..stats import EGP_META_KEY, ActivationStats
-from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, shape_of
-from .util import add_constant, params_of
+from . import register
+from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .util import ROUNDING, arithmetic, bias_magnitude, constant, layer_params
 
 NAME = "constants"
-_FOLDABLE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU,
-                     nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
-                     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
-                     nn.Flatten, nn.LayerNorm)
-_BROADCAST = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
-              operator.iadd, operator.imul}
-_BROADCAST_METHODS = {"add", "sub", "mul", "add_", "mul_"}
-_FOLDABLE_FUNCTIONS = _BROADCAST | {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish,
-                                    F.leaky_relu, F.dropout, torch.flatten, F.adaptive_avg_pool2d}
+_PER_SAMPLE = frozenset({Role.LAYER, Role.NORM, Role.ACTIVATION, Role.NONLINEAR,
+                         Role.LAYER_NORM, Role.POOL, Role.IDENTITY, Role.FLATTEN}) | ARITHMETIC
+_BROADCAST = frozenset({Role.ADD, Role.SUB, Role.MUL})
 
 
-def _is_broadcast(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _BROADCAST) or \
-        (node.op == "call_method" and node.target in _BROADCAST_METHODS)
+@dataclass
+class _Const:
+    """A constant's value (float64, batch of one), the magnitude M of the terms behind each entry,
+    and k, the longest chain of float32 roundings that produced it."""
+
+    value: torch.Tensor
+    magnitude: torch.Tensor
+    k: int
+
+    @property
+    def bound(self) -> torch.Tensor:
+        return self.k * ROUNDING * self.magnitude
 
 
-def _foldable(gm, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _FOLDABLE_MODULES)
-    if node.op == "call_function":
-        return node.target in _FOLDABLE_FUNCTIONS
-    return node.op == "call_method" and node.target in _BROADCAST_METHODS | {"relu", "flatten"}
-
-
-def _full(value_per_channel: torch.Tensor, shape, channel_dim: int) -> torch.Tensor:
-    """A batch-1 tensor of `shape` holding value_per_channel along channel_dim."""
+def _full(per_channel: torch.Tensor, shape, channel_dim: int) -> torch.Tensor:
+    """A batch-1 float64 tensor of `shape` holding per_channel along channel_dim."""
     shape = (1, *shape[1:])
-    dim = channel_dim % len(shape)
     view = [1] * len(shape)
-    view[dim] = -1
-    return value_per_channel.view(view).expand(shape).clone()
+    view[channel_dim % len(shape)] = -1
+    return per_channel.double().view(view).expand(shape).clone()
 
 
-def _dtype(node: fx.Node) -> torch.dtype:
-    tm = node.meta.get("tensor_meta")
-    return getattr(tm, "dtype", torch.float32)
-
-
-def _seed_value(gm, node: fx.Node) -> tuple[torch.Tensor | None, str]:
+def _seed(gm, node: fx.Node, ctx) -> tuple[_Const | None, str]:
     shape = shape_of(node)
+    if shape is None:
+        return None, ""
     st = node.meta.get(EGP_META_KEY)
-    if isinstance(st, ActivationStats) and shape is not None:
+    if isinstance(st, ActivationStats):
         affine = st.channel_affine()
         if all(a is not None and a.is_constant for a in affine):
-            k = torch.tensor([a.offset for a in affine], dtype=_dtype(node))
-            what = "all channels dead" if bool((k == 0).all()) else "all channels constant"
-            return _full(k, shape, st.channel_dim), what
-    if node.op == "call_module" and shape is not None:
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not bool(mod.weight.any()):
-            b = mod.bias.detach() if mod.bias is not None else mod.weight.new_zeros(mod.weight.shape[0])
-            dim = -1 if isinstance(mod, nn.Linear) else 1
-            return _full(b, shape, dim), "all weights zero (collapsed layer)"
+            k = _full(torch.tensor([a.offset for a in affine]), shape, st.channel_dim)
+            what = "all channels dead" if not bool(k.any()) else "all channels constant"
+            return _Const(k, k.abs(), 1), what
+    layer = layer_of(gm, node, ctx.ops.modules)
+    if layer is not None and not bool(layer.weight.any()):
+        n = layer.out_channels
+        b = layer.bias.detach().double().cpu() if layer.bias is not None else torch.zeros(n, dtype=torch.float64)
+        m = bias_magnitude(gm, layer)
+        m = m if m is not None else torch.zeros(n, dtype=torch.float64)
+        return _Const(_full(b, shape, layer.out_axis), _full(m, shape, layer.out_axis), 2), \
+            "all weights zero (collapsed layer)"
     return None, ""
 
 
-def _closure(gm, seed: fx.Node) -> tuple[list[fx.Node], str | None]:
+def _closure(gm, seed: fx.Node, ctx, index: dict) -> tuple[list[fx.Node], str | None]:
     """Nodes that become constant from `seed` (topological order), or a reason to refuse."""
     const, order, frontier = {seed}, [seed], list(seed.users)
     while frontier:
-        user = frontier.pop(0)
+        user = frontier.pop()
         if user in const:
             continue
+        role = ctx.ops(user).role
         inputs = user.all_input_nodes
-        if all(i in const or i.op == "get_attr" for i in inputs) and _foldable(gm, user):
+        if role in _PER_SAMPLE and all(i in const or i.op == "get_attr" for i in inputs):
             const.add(user)
             order.append(user)
             frontier.extend(user.users)
-        elif _is_broadcast(user):
+        elif role in _BROADCAST:
             continue
         else:
-            return [], f"constant would reach {user.name} ({user.op} {user.target}), which needs the batch"
-    nodes = list(gm.graph.nodes)
-    return sorted(order, key=nodes.index), None
+            return [], f"constant would reach {user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), which needs the batch"
+    return sorted(order, key=index.__getitem__), None
 
 
-def _evaluate(gm, node: fx.Node, env: dict) -> torch.Tensor:
-    load = lambda a: env[a] if isinstance(a, fx.Node) and a in env else (  # noqa: E731
-        operator.attrgetter(a.target)(gm) if isinstance(a, fx.Node) else a)
+def _value(gm, a, env: dict):
+    if isinstance(a, fx.Node):
+        if a in env:
+            return env[a].value
+        v = attr(gm, a.target)
+        return v.detach().double().cpu() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    return a
+
+
+def _same_op(gm, node: fx.Node, env: dict, field: str):
+    """Run node's op on the `field` ("value" or "magnitude") of its constant inputs (float64)."""
+    def load(a):
+        if isinstance(a, fx.Node) and a in env:
+            return getattr(env[a], field)
+        return _value(gm, a, env)
+
     args = fx.node.map_aggregate(node.args, load)
     kwargs = fx.node.map_aggregate(node.kwargs, load)
     with torch.no_grad():
         if node.op == "call_module":
-            return gm.get_submodule(node.target)(*args, **kwargs)
+            mod = gm.get_submodule(node.target)
+            params = {k: v.detach().double().cpu() if v.is_floating_point() else v
+                      for k, v in {**dict(mod.named_parameters()), **dict(mod.named_buffers())}.items()}
+            return functional_call(mod, params, tuple(args), kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
+def _layer_const(layer, x: _Const, mb) -> _Const:
+    w = layer.weight.detach().double().cpu()
+    b = layer.bias.detach().double().cpu() if layer.bias is not None else None
+    if layer.is_linear:
+        run = F.linear
+    else:
+        conv = F.conv1d if layer.dims == 1 else F.conv2d
+        geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
+                    "groups": layer.groups}
+        run = lambda t, w_, b_: conv(t, w_, b_, **geometry)  # noqa: E731
+    return _Const(run(x.value, w, b), run(x.magnitude, w.abs(), mb), x.k + w[0].numel() + 1)
+
+
+def _norm_const(norm, x: _Const) -> _Const:
+    s, t = norm.scale_shift()
+    view = [1, -1] + [1] * (x.value.dim() - 2)
+    beta = norm.tensors["bias"]
+    t_mag = (norm.tensors["running_mean"].detach().double().cpu() * s).abs() + (
+        beta.detach().double().cpu().abs() if beta is not None else 0.0)
+    return _Const(x.value * s.view(view) + t.view(view),
+                  x.magnitude * s.abs().view(view) + t_mag.view(view), x.k + 3)
+
+
+def _evaluate(gm, node: fx.Node, env: dict, ctx) -> _Const:
+    """The float64 value of `node` on constant inputs, with its magnitude and rounding depth."""
+    role = ctx.ops(node).role
+    layer = layer_of(gm, node, ctx.ops.modules) if role is Role.LAYER else None
+    if layer is not None:
+        return _layer_const(layer, env[layer.input], bias_magnitude(gm, layer))
+    norm = norm_of(gm, node, ctx.ops.modules) if role is Role.NORM else None
+    if norm is not None:
+        return _norm_const(norm, env[norm.input])
+    ins = [env[i] for i in node.all_input_nodes if i in env]
+    k = max((c.k for c in ins), default=0) + 1
+    value = _same_op(gm, node, env, "value")
+    if role is Role.ACTIVATION and len(ins) == 1 and ins[0].magnitude.shape == value.shape:
+        magnitude = ins[0].magnitude          # |act(v)| <= |v|, and it rounds nothing itself
+    elif role in (Role.POOL, Role.IDENTITY, Role.FLATTEN) and len(ins) == 1:
+        magnitude = _same_op(gm, node, env, "magnitude")
+    elif role in (Role.ADD, Role.SUB) and len(ins) == len(node.all_input_nodes):
+        magnitude = functools.reduce(operator.add, (c.magnitude for c in ins))
+    elif role is Role.MUL and len(ins) == 2:
+        magnitude = ins[0].magnitude * ins[1].magnitude
+    else:                                     # no bound known: only an exact zero is zero
+        magnitude = torch.zeros_like(value)
+    return _Const(value, magnitude.expand_as(value), k)
 
 
 def _compact(v: torch.Tensor) -> torch.Tensor:
@@ -131,100 +203,150 @@ def _compact(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def _seed(gm, node, ctx, rewrites, refusals, done: set) -> None:
-    if node in done:
-        return
-    value, what = _seed_value(gm, node)
-    if value is None or not ctx.allows(node.name):
-        return
-    order, reason = _closure(gm, node)
-    if reason is not None:
-        refusals.append(Refusal(NAME, node.name, [node.name], f"{what}, but {reason}",
-                                activation=node.name if EGP_META_KEY in node.meta else None))
-        return
-    done.update(order)
-    env = {node: value}
-    for n in order[1:]:
-        env[n] = _evaluate(gm, n, env)
-    removed, saved = [n.name for n in order], 0
-    for n in order:
-        if n.op == "call_module":
-            saved += params_of(gm.get_submodule(n.target))
-    # the node's own producer chain becomes dead code: count what it held
+def _apply_seed(gm, node, order, env, what, live, made: dict) -> Rewrite:
+    saved = sum(layer_params(lay) for n in order
+                if (lay := layer_of(gm, n)) is not None)
     for n in reversed(order):
-        live_users = [u for u in n.users if u not in env]
-        if live_users:
-            with gm.graph.inserting_before(n):
-                const = gm.graph.get_attr(add_constant(gm, _compact(env[n].to(_dtype(n))), n.name))
-            n.replace_all_uses_with(const)
+        if live[n]:
+            made[n] = constant(gm, _compact(env[n].value).to(dtype_of(n)), n.name, before=n)
+            n.replace_all_uses_with(made[n])
     is_act = EGP_META_KEY in node.meta
-    rewrites.append(Rewrite(NAME, "constant_branch" if len(order) > 1 else "constant", node.name,
-                            removed, True, f"{node.name}: {what}; {len(order)} node(s) folded",
-                            params_saved=saved, activation=node.name if is_act else None,
-                            decision="removed (constant output)" if is_act else None))
+    return Rewrite(NAME, "constant_branch" if len(order) > 1 else "constant", node.name,
+                   [n.name for n in order], True,
+                   f"{node.name}: {what}; {len(order)} node(s) folded", params_saved=saved,
+                   activation=node.name if is_act else None,
+                   decision=Decision(DecisionKind.REMOVED, "constant output") if is_act else None,
+                   path=module_path(node, gm))
+
+
+def _apply_rounding_zero(gm, node, const: fx.Node, value: torch.Tensor, bound: float) -> Rewrite:
+    """The constant that replaced `node` becomes exact zeros."""
+    set_attr(gm, const.target, torch.zeros_like(attr(gm, const.target)))
+    return Rewrite(NAME, "zero_up_to_rounding", node.name + ":zero", [node.name], True,
+                   f"{node.name}: constant of at most {float(value.abs().max()):.3g} is zero "
+                   f"to within its float32 rounding (bound {bound:.3g})",
+                   path=module_path(node, gm), bound=bound)
 
 
 def _is_zero_const(gm, a) -> bool:
-    return isinstance(a, fx.Node) and a.op == "get_attr" \
-        and not bool(operator.attrgetter(a.target)(gm).any())
+    return isinstance(a, fx.Node) and a.op == "get_attr" and not bool(attr(gm, a.target).any())
 
 
-def _nonnegative(gm, node, memo, modules) -> bool:
+def _nonnegative(gm, node, memo, ctx) -> bool:
     if node in memo:
         return memo[node]
     memo[node] = False
-    kind = activation_kind(node, modules)
-    if kind in NONNEGATIVE_KINDS:
-        ok = True
+    op = ctx.ops(node)
+    if op.role is Role.ACTIVATION:
+        ok = op.kind in NONNEGATIVE_KINDS
     elif node.op == "get_attr":
-        ok = bool((operator.attrgetter(node.target)(gm) >= 0).all())
-    elif node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd,
-                                                        torch.cat, torch.flatten):
+        ok = bool((attr(gm, node.target) >= 0).all())
+    elif op.role in (Role.ADD, Role.CAT):
         ins = node.all_input_nodes
-        ok = bool(ins) and all(_nonnegative(gm, i, memo, modules) for i in ins)
-    elif node.op == "call_module" and isinstance(
-            gm.get_submodule(node.target),
-            (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity, nn.Flatten)):
-        ok = _nonnegative(gm, node.args[0], memo, modules)
+        ok = bool(ins) and all(_nonnegative(gm, i, memo, ctx) for i in ins)
+    elif op.role in (Role.POOL, Role.IDENTITY, Role.FLATTEN):
+        ok = main_input(node) is not None and _nonnegative(gm, main_input(node), memo, ctx)
     else:
         ok = False
     memo[node] = ok
     return ok
 
 
-def _simplify(gm, ctx, rewrites) -> None:
+def _add_operands(gm, node, ctx):
+    """(x, constant get_attr) for x + c or c + x, else None."""
+    if ctx.ops(node).role is not Role.ADD or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if isinstance(b, fx.Node) and b.op == "get_attr" and isinstance(a, fx.Node) and a.op != "get_attr":
+        return a, b
+    if isinstance(a, fx.Node) and a.op == "get_attr" and isinstance(b, fx.Node) and b.op != "get_attr":
+        return b, a
+    return None
+
+
+def _drop_add(gm, node, keep) -> Rewrite:
+    node.replace_all_uses_with(keep)
+    gm.graph.erase_node(node)
+    return Rewrite(NAME, "drop_add", node.name, [node.name], True, f"{node.name}: adds a zero constant",
+                   path=module_path(node, gm))
+
+
+def _merge_adds(gm, node, inner, x, c_outer, c_inner) -> Rewrite:
+    total = attr(gm, c_inner.target) + attr(gm, c_outer.target)
+    merged = constant(gm, total, node.name + "_merged", before=node)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(arithmetic(gm, "add"), (x, merged))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(inner)
+    return Rewrite(NAME, "merge_adds", node.name, [inner.name, node.name], True,
+                   f"{inner.name} and {node.name}: two constant adds merged", path=module_path(node, gm))
+
+
+def _drop_relu(gm, node, src) -> Rewrite:
+    node.replace_all_uses_with(src)
+    gm.graph.erase_node(node)
+    return Rewrite(NAME, "drop_relu", node.name, [node.name], True,
+                   f"{node.name}: input {src.name} is non-negative", activation=node.name,
+                   decision=Decision(DecisionKind.REMOVED, "input is non-negative"),
+                   path=module_path(node, gm))
+
+
+def _simplify(gm, ctx) -> PassRun:
     memo: dict = {}
-    modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if _is_broadcast(node) and node.target in (operator.add, torch.add, "add", operator.iadd) \
-                and len(node.args) == 2 and ctx.allows(node.name):
-            a, b = node.args
-            keep = a if _is_zero_const(gm, b) else b if _is_zero_const(gm, a) else None
-            if isinstance(keep, fx.Node):
-                node.replace_all_uses_with(keep)
-                gm.graph.erase_node(node)
-                rewrites.append(Rewrite(NAME, "drop_add", node.name, [node.name], True,
-                                        f"{node.name}: adds a zero constant"))
+        if node._erased:
+            continue
+        operands = _add_operands(gm, node, ctx)
+        if operands is not None:
+            x, c = operands
+            if _is_zero_const(gm, c) and attr(gm, c.target).dim() <= len(shape_of(node) or ()) \
+                    and (shape_of(x) is None or shape_of(x) == shape_of(node)):
+                yield Candidate(node.name, functools.partial(_drop_add, gm, node, x))
                 continue
-        if activation_kind(node, modules) == "relu" and ctx.allows(node.name):
-            src = node.args[0]
-            if isinstance(src, fx.Node) and _nonnegative(gm, src, memo, modules):
-                node.replace_all_uses_with(src)
-                gm.graph.erase_node(node)
-                rewrites.append(Rewrite(NAME, "drop_relu", node.name, [node.name], True,
-                                        f"{node.name}: input {src.name} is non-negative",
-                                        activation=node.name,
-                                        decision="removed (input is non-negative)"))
+            inner = _add_operands(gm, x, ctx)
+            if inner is not None and len(x.users) == 1:
+                yield Candidate(node.name, functools.partial(_merge_adds, gm, node, x, inner[0],
+                                                             c, inner[1]))
+                continue
+        op = ctx.ops(node)
+        if op.role is Role.ACTIVATION and op.kind == "relu":
+            src = main_input(node)
+            if src is not None and _nonnegative(gm, src, memo, ctx):
+                yield Candidate(node.name, functools.partial(_drop_relu, gm, node, src))
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-    ctx.shapes(gm)
-    rewrites: list[Rewrite] = []
-    refusals: list[Refusal] = []
+@register(NAME, positions=(20, 60), shapes=True)
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
     done: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if node.users:
-            _seed(gm, node, ctx, rewrites, refusals, done)
+        if node in done or not node.users:
+            continue
+        seed, what = _seed(gm, node, ctx)
+        if seed is None:
+            continue
+        order, reason = _closure(gm, node, ctx, index)
+        if reason is not None:
+            yield Refusal(NAME, node.name, [node.name], f"{what}, but {reason}",
+                          activation=node.name if EGP_META_KEY in node.meta else None,
+                          path=module_path(node, gm))
+            continue
+        env = {node: seed}
+        for n in order[1:]:
+            env[n] = _evaluate(gm, n, env, ctx)
+        members = set(order)
+        live = {n: any(u not in members for u in n.users) for n in order}
+        made: dict[fx.Node, fx.Node] = {}
+        applied = yield Candidate(node.name, functools.partial(_apply_seed, gm, node, order, env,
+                                                                 what, live, made))
+        if not applied:
+            continue
+        done.update(order)
+        for n, const in made.items():
+            c = env[n]
+            if bool(c.value.any()) and bool((c.value.abs() <= c.bound).all()):
+                yield Candidate(n.name + ":zero", functools.partial(
+                    _apply_rounding_zero, gm, n, const, c.value, float(c.bound.max())))
     gm.graph.eliminate_dead_code()
-    _simplify(gm, ctx, rewrites)
-    return finish(gm, NAME, rewrites, refusals)
+    yield from _simplify(gm, ctx)

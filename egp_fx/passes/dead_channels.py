@@ -1,251 +1,316 @@
-"""Pass 2: delete dead channels (and absorb constant ones) between a producer and its consumers.
+"""dead_channels: delete dead channels (and absorb constant ones) between a producer and its readers.
 
-If channel c of activation A outputs the constant k_c on all calibration data (k_c = 0 for a
-dead ReLU/GELU unit, 6 for a saturated ReLU6 unit), then
-- the producer P (conv/linear writing A's input) loses output channel c: W_P[c], b_P[c] go;
-- every consumer L reading A's output loses input channel c; for k_c != 0 its bias absorbs it:
-  b_L += sum_{kernel} W_L[:, c] * k_c, which is exact only where L sees no zero padding
-  (Linear, or conv with padding 0) and no op in between, so constant channels are kept otherwise.
-Consumers may sit behind channel-preserving ops (pooling, dropout, identity), flatten (channel c
-maps to c*S..(c+1)*S-1 for S spatial positions) and concatenation along the channel axis (an
-offset). Widths are rounded to a multiple of 16 (ctx.options["channel_multiple"]): runtimes
-block channels (onnxruntime's NCHWc kernels by 16 with AVX-512, 8 with AVX2), so a conv cut from
-128 to 123 channels is padded back and runs slower than at 128. A depthwise consumer is narrowed with it; its own output channel c then carries the
-constant act(b_dw[c]), which the 1x1 conv after it absorbs into its bias (exact: no padding).
+If channel c of activation A outputs the constant k_c on all calibration data (k_c = 0 for a dead
+ReLU/GELU/SiLU unit, 6 for a saturated ReLU6 unit), then
+- the producer P (the conv/linear writing A's input) loses output channel c: W_P[c], b_P[c] go;
+- every reader L of A's output loses input channel c; for k_c != 0 its bias absorbs it,
+  b_L += sum_{kernel} W_L[:, c] * k_c, which is exact only where L sees no zero padding (Linear,
+  or a conv with padding 0) and nothing in between, so constant channels are kept otherwise.
+Readers may sit behind ops that keep channels (identity, pooling), flatten (channel c maps to
+c*S .. (c+1)*S-1 for S positions), a reshape that keeps the last dim (channels-last tokens, as
+Hugging Face's GPT-2 and OPT MLPs reshape), and a concatenation along the channel axis (an
+offset). A gated MLP, down(act(gate(x)) * up(x)) (LLaMA, Mistral, Qwen), reads A through the
+product: a unit c that is constant zero makes the product zero whatever up gives, so gate and up
+lose row c and down column c together.
+A depthwise reader is narrowed with it; its own output channel c then carries the constant
+act(b_dw[c]), which the unpadded layer after it absorbs into its bias.
+Widths stay a multiple of ctx.options.channel_multiple: runtimes block channels (onnxruntime's
+NCHWc kernels by 8 or 16, tensor-core GEMMs by 64 to 128), and a layer cut from 128 to 123
+channels is padded back and runs slower than at 128. Keeping a few dead channels is exact; the
+report says how many were kept and why.
+After a rewrite the shapes along the walk are updated in place (no new propagation).
 """
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass, field
+
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
+from ..layer import Layer, layer_of, module_path
+from ..ops import Role, arg, main_input
+from ..shapes import set_dim, shape_of
 from ..stats import EGP_META_KEY, ActivationStats, select_channels
-from .base import PassContext, PassOutcome, Refusal, Rewrite, finish, invalidate_shapes, shape_of
-from .util import calls_per_module, conv_flops, set_module, weight_bias, with_weights
+from . import register
+from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .util import layer_flops
 
 NAME = "dead_channels"
-_KEEP_CHANNELS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                  nn.Dropout, nn.Identity)
-_KEEP_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout}
 
 
-class _Use:
-    """A consumer reading channel c at input indices offset + c*S ... + S - 1."""
+@dataclass
+class _Read:
+    """A layer reading channel c at input indices offset + c*span ... + span - 1."""
 
-    def __init__(self, node: fx.Node, offset: int, span: int, direct: bool):
-        self.node, self.offset, self.span, self.direct = node, offset, span, direct
-
-    def indices(self, c: int) -> range:
-        return range(self.offset + c * self.span, self.offset + (c + 1) * self.span)
-
-
-def _is_flatten(gm, n: fx.Node) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), nn.Flatten)
-    return (n.op == "call_function" and n.target is torch.flatten) or \
-        (n.op == "call_method" and n.target == "flatten")
+    layer: Layer
+    offset: int
+    span: int
+    direct: bool                         # nothing between the activation and the layer
 
 
-def _consumers(gm, act: fx.Node, channel_dim: int) -> tuple[list[_Use], str | None]:
-    """Every conv/linear reading act's channels, with where they land in its input."""
-    last = channel_dim == -1 or len(shape_of(act) or ()) == 2
-    uses, stack = [], [(act, 0, 1, True, last)]
+@dataclass
+class _Walk:
+    """Everything the channels of an activation reach, found by `_walk`."""
+
+    reads: list[_Read] = field(default_factory=list)
+    gates: list[Layer] = field(default_factory=list)          # `up` layers of gated products
+    passed: list[tuple[fx.Node, int, int]] = field(default_factory=list)   # (node, axis, span)
+    reshapes: list[fx.Node] = field(default_factory=list)     # views whose last dim is C
+    through_product: bool = False
+
+
+def _walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[_Walk, str | None]:
+    """Follow act's channels to every layer that reads them, or say why not."""
+    shape = shape_of(act) or ()
+    last = channel_dim % max(len(shape), 1) == len(shape) - 1
+    walk, stack, seen = _Walk(), [(act, 0, 1, True, last)], set()
     while stack:
         node, offset, span, direct, last = stack.pop()
         for u in node.users:
-            mod = gm.get_submodule(u.target) if u.op == "call_module" else None
-            if isinstance(mod, (nn.Conv2d, nn.Linear, nn.Conv1d)):
-                if isinstance(mod, nn.Linear) != last:
-                    return [], f"{u.name} reads another axis than the channels"
-                if u.args[0] is not node:
-                    return [], f"{u.name} takes the tensor as a non-input argument"
-                uses.append(_Use(u, offset, span, direct))
-            elif isinstance(mod, _KEEP_CHANNELS) or (u.op == "call_function" and u.target in _KEEP_FUNCTIONS):
+            if (u, offset) in seen:
+                continue
+            seen.add((u, offset))
+            op = ctx.ops(u)
+            here = shape_of(node) or ()
+            axis = len(here) - 1 if last else 1
+            if op.role is Role.LAYER:
+                layer = layer_of(gm, u, ctx.ops.modules)
+                if layer is None or layer.input is not node:
+                    return walk, f"{u.name} takes the tensor as a weight, not as its input"
+                if layer.is_linear != last:
+                    return walk, f"{u.name} reads another axis than the channels"
+                walk.reads.append(_Read(layer, offset, span, direct))
+            elif op.role in (Role.IDENTITY, Role.POOL) and main_input(u) is node and (
+                    op.role is Role.IDENTITY or not last):
+                walk.passed.append((u, axis, span))
                 stack.append((u, offset, span, False, last))
-            elif _is_flatten(gm, u):
-                shape = shape_of(node)
-                if shape is None or len(shape) < 2 or last:
-                    return [], f"cannot follow the channels through {u.name}"
-                s = 1
-                for d in shape[2:]:
-                    s *= int(d)
-                stack.append((u, offset * s, span * s, False, True))
-            elif u.op == "call_function" and u.target is torch.cat:
-                dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
-                ndim = len(shape_of(node) or ())
-                axis = ndim - 1 if last else 1
-                if ndim == 0 or dim % ndim != axis:
-                    return [], f"concatenated along another axis at {u.name}"
+            elif op.role in (Role.FLATTEN, Role.RESHAPE):
+                after = shape_of(u)
+                if after is None or not here:
+                    return walk, f"cannot follow the channels through {u.name} (no shape)"
+                if last and after[-1] == here[-1]:              # tokens regrouped, channels kept
+                    walk.passed.append((u, len(after) - 1, span))
+                    walk.reshapes.append(u)
+                    stack.append((u, offset, span, False, True))
+                elif not last and len(after) == 2 and after[0] == here[0] \
+                        and after[1] == math.prod(here[1:]):     # flatten after the batch dim
+                    s = math.prod(here[2:])
+                    walk.passed.append((u, 1, span * s))
+                    stack.append((u, offset * s, span * s, False, True))
+                else:
+                    return walk, f"cannot follow the channels through {u.name}"
+            elif op.role is Role.CAT:
+                dim = op.params.get("dim", 0)
+                if not here or dim % len(here) != axis:
+                    return walk, f"concatenated along another axis at {u.name}"
                 before = 0
                 for t in u.args[0]:
                     if t is node:
                         break
-                    before += shape_of(t)[dim]
+                    before += shape_of(t)[axis]
+                walk.passed.append((u, axis, span))
                 stack.append((u, offset + before, span, False, last))
+            elif op.role is Role.MUL and node is act and len(u.all_input_nodes) == 2:
+                other = next(a for a in u.all_input_nodes if a is not node)
+                up = layer_of(gm, other, ctx.ops.modules)
+                if up is None or shape_of(other) != here or len(other.users) != 1 \
+                        or up.out_channels != n or up.is_linear != last:
+                    return walk, f"multiplied at {u.name} by a tensor no layer of its own writes"
+                walk.gates.append(up)
+                walk.through_product = True
+                walk.passed.append((u, axis, span))
+                walk.passed.append((other, axis, span))
+                stack.append((u, offset, span, False, last))
             else:
-                return [], f"feeds {u.name} ({u.op} {getattr(u.target, '__name__', u.target)})"
-    return uses, None
+                return walk, f"feeds {u.name} ({u.op} {getattr(u.target, '__name__', u.target)})"
+    return walk, None
 
 
-def _narrow_consumer(gm, use: _Use, remove: dict[int, float]) -> int:
-    """Drop input channels of a consumer; absorb constants into its bias. Returns params saved."""
-    mod = gm.get_submodule(use.node.target)
-    w, b = weight_bias(mod)
-    drop: dict[int, float] = {}
-    for c, k in remove.items():
-        for i in use.indices(c):
-            drop[i] = k
-    for i, k in drop.items():
-        if k != 0.0:
-            b += k * w[:, i].reshape(w.shape[0], -1).sum(1)
-    keep = [i for i in range(w.shape[1]) if i not in drop]
-    new = with_weights(mod, w[:, keep], b if mod.bias is not None or any(drop.values()) else None)
-    set_module(gm, use.node.target, new)
-    return mod.weight.numel() - new.weight.numel()
+def _unpadded(layer: Layer) -> bool:
+    return layer.is_linear or all(p == 0 for p in layer.padding)
 
 
-def _plan(gm, act, st, calls) -> tuple[dict[int, float], fx.Node | None, list[_Use], str | None]:
-    affine = st.channel_affine()
-    const = {c: a.offset for c, a in enumerate(affine) if a is not None and a.is_constant}
-    if not const:
-        return {}, None, [], None
-    if len(const) == st.num_channels:
-        return {}, None, [], None  # every channel constant: the constants pass owns it
-    prod = act.args[0]
-    pmod = gm.get_submodule(prod.target) if isinstance(prod, fx.Node) and prod.op == "call_module" else None
-    if not isinstance(pmod, (nn.Conv2d, nn.Linear, nn.Conv1d)):
-        return const, None, [], "the pre-activation is not written by a conv/linear alone"
-    if len(prod.users) != 1 or calls.get(prod.target, 0) != 1:
-        return const, None, [], f"{prod.name} has other users or is shared"
-    if isinstance(pmod, nn.Conv2d) and pmod.groups != 1:
-        return const, None, [], f"{prod.name} is a grouped conv (its inputs would need narrowing too)"
-    uses, reason = _consumers(gm, act, st.channel_dim)
-    if reason:
-        return const, None, [], reason
-    for u in uses:
-        mod = gm.get_submodule(u.node.target)
-        if calls.get(u.node.target, 0) != 1:
-            return const, None, [], f"consumer {u.node.name} is shared by several calls"
-        if isinstance(mod, nn.Conv2d) and mod.groups != 1 and not _depthwise_ok(gm, u, calls):
-            return const, None, [], f"grouped consumer {u.node.name} cannot be narrowed consistently"
-    absorbable = all(u.direct and _unpadded(gm.get_submodule(u.node.target)) for u in uses)
-    remove = {c: k for c, k in const.items() if k == 0.0 or absorbable}
-    return remove, prod, uses, None
+def _depthwise(layer: Layer) -> bool:
+    return not layer.is_linear and layer.groups == layer.in_channels == layer.out_channels > 1
 
 
-def _unpadded(mod) -> bool:
-    return isinstance(mod, nn.Linear) or all(p == 0 for p in mod.padding)
-
-
-def _depthwise_ok(gm, use: _Use, calls) -> bool:
-    mod = gm.get_submodule(use.node.target)
-    if not (use.direct and mod.groups == mod.in_channels == mod.out_channels):
-        return False
-    nxt = list(use.node.users)
-    if len(nxt) != 1:
-        return False
-    after = nxt[0]
+def _after_depthwise(gm, ctx, read: _Read) -> tuple[fx.Node | None, Layer | None]:
+    """(activation or None, the unpadded layer) after a depthwise reader, else (None, None)."""
+    nxt = list(read.layer.node.users)
+    if not read.direct or len(nxt) != 1:
+        return None, None
+    act, after = None, nxt[0]
     if isinstance(after.meta.get(EGP_META_KEY), ActivationStats):
         if len(after.users) != 1:
-            return False
-        after = next(iter(after.users))
-    amod = gm.get_submodule(after.target) if after.op == "call_module" else None
-    return isinstance(amod, (nn.Conv2d, nn.Linear)) and _unpadded(amod) and \
-        getattr(amod, "groups", 1) == 1 and calls.get(after.target, 0) == 1
+            return None, None
+        act, after = after, next(iter(after.users))
+    layer = layer_of(gm, after, ctx.ops.modules)
+    if layer is None or not _unpadded(layer) or layer.groups != 1 or layer.shared_with():
+        return None, None
+    return act, layer
 
 
-def _narrow_depthwise(gm, use: _Use, remove: dict[int, float]) -> int:
-    """Narrow a depthwise consumer, then let the layer after it absorb the constants left."""
-    mod = gm.get_submodule(use.node.target)
-    w, b = weight_bias(mod)
-    keep = [c for c in range(w.shape[0]) if c not in remove]
-    dw_out = b.clone()  # input channel c is the constant remove[c]: output is k * sum(kernel) + b
-    for c, k in remove.items():
-        dw_out[c] = b[c] + k * w[c].sum()  # exact only for k == 0 at padded borders; k != 0 excluded
-    new = with_weights(mod, w[keep], b[keep], groups=len(keep))
-    set_module(gm, use.node.target, new)
-    saved = mod.weight.numel() - new.weight.numel()
-    after = next(iter(use.node.users))
-    values = dw_out[list(remove)].float().view(1, -1, 1, 1)
-    if isinstance(after.meta.get(EGP_META_KEY), ActivationStats):
-        st = after.meta[EGP_META_KEY]
-        if after.op == "call_module":
-            values = gm.get_submodule(after.target)(values)
-        else:
-            values = after.target(values, *after.args[1:], **after.kwargs)
-        after.meta[EGP_META_KEY] = select_channels(st, keep)
-        after = next(iter(after.users))
-    consts = {c: float(v) for c, v in zip(remove, values.flatten().tolist())}
-    saved += _narrow_consumer(gm, _Use(after, 0, 1, True), consts)
-    return saved
+def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | None, str | None]:
+    affine = st.channel_affine()
+    const = {c: a.offset for c, a in enumerate(affine) if a is not None and a.is_constant}
+    if not const or len(const) == st.num_channels:
+        return {}, None, None, None   # nothing to do, or every channel constant: constants.py
+    prod = layer_of(gm, main_input(act), ctx.ops.modules)
+    if prod is None:
+        return const, None, None, "the pre-activation is not written by a conv/linear alone"
+    if len(prod.node.users) != 1 or prod.shared_with():
+        return const, None, None, f"{prod.node.name} has other users or is shared"
+    if prod.groups != 1:
+        return const, None, None, f"{prod.node.name} is a grouped conv (its inputs would need narrowing too)"
+    walk, reason = _walk(gm, ctx, act, st.channel_dim, st.num_channels)
+    if reason:
+        return const, None, None, reason
+    readers = [r.layer.node for r in walk.reads]
+    if len(set(readers)) != len(readers):
+        return const, None, None, "a layer reads the channels twice"
+    for layer in [r.layer for r in walk.reads] + walk.gates:
+        if (why := layer.shared_with()) is not None:
+            return const, None, None, f"reader {layer.node.name}: {why}"
+    for r in walk.reads:
+        if r.layer.groups != 1 and not (_depthwise(r.layer) and _after_depthwise(gm, ctx, r)[1]):
+            return const, None, None, f"grouped reader {r.layer.node.name} cannot be narrowed consistently"
+    absorbable = not walk.through_product and all(r.direct and _unpadded(r.layer) for r in walk.reads) \
+        and not any(_depthwise(r.layer) for r in walk.reads)
+    return {c: k for c, k in const.items() if k == 0.0 or absorbable}, prod, walk, None
 
 
 def _aligned(remove: dict[int, float], n: int, multiple: int) -> dict[int, float]:
     """Keep enough removable channels that the width stays a multiple of `multiple`.
 
-    Zero channels are dropped first,
-    constant ones (whose removal changes a bias) last. multiple <= 1 disables the rounding.
+    Zero channels are dropped first, constant ones (whose removal changes a bias) last.
+    multiple <= 1, or a width that is not a multiple to begin with, disables the rounding.
     """
     if multiple <= 1 or n % multiple:
         return remove
-    m = n - len(remove)
-    target = -(-m // multiple) * multiple          # round the kept width up
+    target = -(-(n - len(remove)) // multiple) * multiple          # round the kept width up
     drop = sorted(remove, key=lambda c: (remove[c] != 0.0, c))[:n - target]
     return {c: remove[c] for c in sorted(drop)}
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-    rewrites, refusals = [], []
-    calls = calls_per_module(gm)
-    ctx.shapes(gm)
+def _narrow_reader(read: _Read, remove: dict[int, float]) -> int:
+    """Drop input channels of a reader; absorb constants into its bias. Returns params saved."""
+    layer = read.layer
+    w = layer.weight.detach().double()
+    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
+    drop: dict[int, float] = {i: k for c, k in remove.items()
+                              for i in range(read.offset + c * read.span,
+                                             read.offset + (c + 1) * read.span)}
+    for i, k in drop.items():
+        if k != 0.0:
+            b = b + k * w[:, i].reshape(w.shape[0], -1).sum(1)
+    keep = [i for i in range(w.shape[1]) if i not in drop]
+    before = w.numel()
+    layer.replace(w[:, keep], b if layer.bias is not None or any(drop.values()) else None)
+    return before - layer.weight.numel()
+
+
+def _narrow_depthwise(gm, ctx, read: _Read, remove: dict[int, float]) -> int:
+    """Narrow a depthwise reader, then let the layer after it absorb the constants left."""
+    layer = read.layer
+    act, after = _after_depthwise(gm, ctx, read)
+    w = layer.weight.detach().double()
+    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
+    keep = [c for c in range(w.shape[0]) if c not in remove]
+    values = (b[list(remove)] + torch.tensor([remove[c] for c in remove], dtype=torch.float64)
+              * w[list(remove)].flatten(1).sum(1))      # exact for k == 0 at padded borders
+    before = w.numel()
+    layer.replace(w[keep], b[keep] if layer.bias is not None else None, groups=len(keep))
+    saved = before - layer.weight.numel()
+    if act is not None:
+        values = _apply_act(act, values)
+        act.meta[EGP_META_KEY] = select_channels(act.meta[EGP_META_KEY], keep)
+        set_dim(act, 1, len(keep))
+    set_dim(layer.node, 1, len(keep))
+    consts = {c: float(v) for c, v in zip(remove, values.tolist())}
+    return saved + _narrow_reader(_Read(after, 0, 1, True), consts)
+
+
+def _apply_act(act: fx.Node, values: torch.Tensor) -> torch.Tensor:
+    """The activation `act` applied to per-channel values (a batch of one, channels first)."""
+    gm = act.graph.owning_module
+    x = values.double().view(1, -1, 1, 1)
+    if act.op == "call_module":
+        out = gm.get_submodule(act.target)(x)     # activation modules hold no tensors
+    elif act.op == "call_function":
+        out = act.target(x, *act.args[1:], **act.kwargs)
+    else:
+        out = getattr(x, act.target)(*act.args[1:], **act.kwargs)
+    return out.double().flatten()
+
+
+def _update_shapes(walk: _Walk, prod: Layer, act: fx.Node, removed: int) -> None:
+    for node, axis, span in [(prod.node, prod.out_axis, 1), (act, prod.out_axis, 1), *walk.passed]:
+        shape = shape_of(node)
+        if shape is not None:
+            set_dim(node, axis, shape[axis] - removed * span)
+    for view in walk.reshapes:     # a literal width in a view's shape follows the new width
+        size = arg(view, 1, "size")
+        new_last = shape_of(view)[-1]
+        if isinstance(size, (list, tuple)) and isinstance(size[-1], int) and size[-1] != -1:
+            view.args = (view.args[0], [*size[:-1], new_last], *view.args[2:])
+
+
+def _apply(gm, ctx, act, st, remove, prod: Layer, walk: _Walk) -> Rewrite:
+    keep = [c for c in range(st.num_channels) if c not in remove]
+    n, m = st.num_channels, len(keep)
+    flops = layer_flops(prod, shape_of(prod.node)) * (n - m) // n
+    flops += sum(layer_flops(r.layer, shape_of(r.layer.node)) for r in walk.reads)
+    flops += sum(layer_flops(g, shape_of(g.node)) * (n - m) // n for g in walk.gates)
+    saved = 0
+    for layer in (prod, *walk.gates):
+        w, b = layer.weight.detach(), layer.bias
+        saved += w.numel() - w[keep].numel() + (n - m) * (b is not None)
+        layer.replace(w[keep], b.detach()[keep] if b is not None else None)
+    for r in walk.reads:
+        saved += _narrow_depthwise(gm, ctx, r, remove) if _depthwise(r.layer) \
+            else _narrow_reader(r, remove)
+    act.meta[EGP_META_KEY] = select_channels(st, keep)
+    _update_shapes(walk, prod, act, n - m)
+    flops -= sum(layer_flops(r.layer, shape_of(r.layer.node)) for r in walk.reads)
+    readers = [r.layer.node.name for r in walk.reads]
+    gates = f"; gated by {', '.join(g.node.name for g in walk.gates)}" if walk.gates else ""
+    return Rewrite(NAME, "narrow_channels", act.name,
+                   [prod.node.name, act.name, *(g.node.name for g in walk.gates), *readers], True,
+                   f"{prod.node.name}: {n - m} constant output channel(s) removed; readers "
+                   f"{', '.join(readers)} narrowed{gates}",
+                   params_saved=saved, flops_saved=max(flops, 0), activation=act.name,
+                   decision=Decision(DecisionKind.NARROWED, before=n, after=m),
+                   path=module_path(act, gm))
+
+
+@register(NAME, positions=(30,), shapes=True)
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
+    multiple = ctx.options.channel_multiple
     for act in list(gm.graph.nodes):
         st = act.meta.get(EGP_META_KEY)
-        if not isinstance(st, ActivationStats) or not ctx.allows(act.name):
+        if not isinstance(st, ActivationStats) or not act.users:
             continue
-        remove, prod, uses, reason = _plan(gm, act, st, calls)
+        remove, prod, walk, reason = _plan(gm, ctx, act, st)
+        path = module_path(act, gm)
         if reason:
-            refusals.append(Refusal(NAME, act.name, [act.name], f"dead channels kept: {reason}",
-                                    activation=act.name))
+            yield Refusal(NAME, act.name, [act.name], f"dead channels kept: {reason}",
+                          activation=act.name, path=path)
             continue
         if not remove or prod is None:
             continue
-        if any(gm.get_submodule(u.node.target).groups != 1 for u in uses
-               if isinstance(gm.get_submodule(u.node.target), nn.Conv2d)):
+        if walk.through_product or any(_depthwise(r.layer) for r in walk.reads):
             remove = {c: k for c, k in remove.items() if k == 0.0}
-        remove = _aligned(remove, st.num_channels, ctx.options.get("channel_multiple", 16))
-        if not remove:
-            refusals.append(Refusal(NAME, act.name, [act.name],
-                                    "dead channels kept: removing them would not shrink the width "
-                                    "below the next multiple of "
-                                    f"{ctx.options.get('channel_multiple', 16)}", activation=act.name))
+        aligned = _aligned(remove, st.num_channels, multiple)
+        if not aligned:
+            yield Refusal(NAME, act.name, [act.name],
+                          f"dead channels kept: removing {len(remove)} would not shrink the width "
+                          f"below the next multiple of {multiple}", activation=act.name, path=path)
             continue
-        keep = [c for c in range(st.num_channels) if c not in remove]
-        pmod = gm.get_submodule(prod.target)
-        n, m = st.num_channels, len(keep)
-        flops_saved = conv_flops(pmod, shape_of(prod)) * (n - m) // n
-        for u in uses:
-            flops_saved += conv_flops(gm.get_submodule(u.node.target), shape_of(u.node))
-        w, b = weight_bias(pmod)
-        new_p = with_weights(pmod, w[keep], b[keep] if pmod.bias is not None else None)
-        set_module(gm, prod.target, new_p)
-        saved = pmod.weight.numel() - new_p.weight.numel() + len(remove) * (pmod.bias is not None)
-        for u in uses:
-            umod = gm.get_submodule(u.node.target)
-            if isinstance(umod, nn.Conv2d) and umod.groups != 1:
-                saved += _narrow_depthwise(gm, u, remove)
-            else:
-                saved += _narrow_consumer(gm, u, remove)
-        act.meta[EGP_META_KEY] = select_channels(st, keep)
-        for u in uses:  # consumers' output shapes are unchanged but for a narrowed depthwise conv
-            flops_saved -= conv_flops(gm.get_submodule(u.node.target), shape_of(u.node))
-        if any(n.op == "call_function" and n.target is torch.cat for n in gm.graph.nodes):
-            invalidate_shapes(gm)  # concat offsets read other inputs' channel counts
-            ctx.shapes(gm)
-        rewrites.append(Rewrite(NAME, "narrow_channels", act.name,
-                                [prod.name, act.name, *(u.node.name for u in uses)], True,
-                                f"{prod.name}: {n - m} constant output channel(s) removed; "
-                                f"consumers {', '.join(u.node.name for u in uses)} narrowed",
-                                params_saved=saved, flops_saved=max(flops_saved, 0),
-                                activation=act.name, decision=f"narrowed {n} -> {m}"))
-    return finish(gm, NAME, rewrites, refusals)
+        if len(aligned) < len(remove):
+            yield Refusal(NAME, act.name, [act.name],
+                          f"{len(remove) - len(aligned)} of {len(remove)} removable channel(s) "
+                          f"kept so that the width stays a multiple of {multiple}",
+                          activation=act.name, path=path)
+        yield Candidate(act.name, functools.partial(_apply, gm, ctx, act, st, aligned, prod, walk))

@@ -1,70 +1,77 @@
-"""Pass 1: fold eval-mode BatchNorm into the conv/linear before it.
+"""fold_bn: eval-mode BatchNorm folded into the conv/linear before it.
 
 BatchNorm in eval mode is a per-channel affine map: y = gamma * (x - mean) / sqrt(var + eps) + beta.
 With s = gamma / sqrt(var + eps), a preceding layer z = W x + b folds exactly:
 
-    W' = W * s   (scaling output channel c of W by s_c)
+    W' = W * s   (output channel c of W scaled by s_c)
     b' = (b - mean) * s + beta
 
-(computed in float64, cast back). The conv's output must feed only the BatchNorm, and the conv
-module must not be called from anywhere else.
+computed in float64 by torch.nn.utils.fusion (fuse_conv_bn_weights / fuse_linear_bn_weights) and
+cast back. The layer's output must feed only the BatchNorm, and neither may be shared. The
+magnitude |b s| + |mean s| + |beta| of each new bias entry is recorded: a bias that is zero in
+real arithmetic comes out of float32 as a residue of about 1e-8 of it (constants.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx as fx
-from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from .base import PassContext, PassOutcome, Refusal, Rewrite, finish
-from .util import calls_per_module, set_module, weight_bias, with_weights
+from ..layer import Layer, Norm, layer_of, norm_of
+from ..shapes import shape_of
+from . import register
+from .base import Candidate, PassContext, PassRun, Refusal, Rewrite
+from .util import record_bias_magnitude
 
 NAME = "fold_bn"
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _check(gm, bn_node, calls) -> tuple[fx.Node | None, str | None]:
-    prod = bn_node.args[0] if bn_node.args else None
-    if not isinstance(prod, fx.Node) or prod.op != "call_module":
-        return None, "input is not a conv/linear module call"
-    mod = gm.get_submodule(prod.target)
-    if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        return None, f"input is {type(mod).__name__}, not a conv/linear"
-    if isinstance(mod, nn.Linear) and bn_node.meta.get("tensor_meta") is not None \
-            and len(bn_node.meta["tensor_meta"].shape) != 2:
-        return None, "BatchNorm after Linear on non-2-D input"
-    if len(prod.users) != 1:
-        return None, f"{prod.name} has {len(prod.users)} users"
-    if calls[prod.target] != 1 or calls[bn_node.target] != 1:
-        return None, "module shared by several calls"
-    bn = gm.get_submodule(bn_node.target)
-    if not bn.track_running_stats or bn.running_mean is None:
-        return None, "BatchNorm without running statistics"
-    return prod, None
+def _check(norm: Norm, layer: Layer | None, gm) -> str | None:
+    if layer is None:
+        return "input is not a conv/linear"
+    if layer.is_linear and len(shape_of(norm.node) or (0, 0)) != 2:
+        return "BatchNorm after Linear on non-2-D input"
+    if len(layer.node.users) != 1:
+        return f"{layer.node.name} has {len(layer.node.users)} users"
+    if (why := layer.shared_with()) is not None:
+        return why
+    if norm.module is not None and sum(
+            1 for n in gm.graph.nodes if n.op == "call_module" and n.target == norm.node.target) > 1:
+        return "BatchNorm module shared by several calls"
+    return None
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-    rewrites, refusals = [], []
-    calls = calls_per_module(gm)
+def _fold(gm: fx.GraphModule, norm: Norm, layer: Layer) -> Rewrite:
+    t = {k: v.detach().double() if v is not None else None for k, v in norm.tensors.items()}
+    w = layer.weight.detach().double()
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(t["running_mean"])
+    fuse = fuse_linear_bn_weights if layer.is_linear else fuse_conv_bn_weights
+    new_w, new_b = fuse(w, b, t["running_mean"], t["running_var"], norm.eps, t["weight"], t["bias"])
+    scale, _ = norm.scale_shift()
+    beta = t["bias"] if t["bias"] is not None else torch.zeros_like(scale)
+    magnitude = (b * scale).abs() + (t["running_mean"] * scale).abs() + beta.abs()
+    node, path = norm.node, norm.path
+    layer.replace(new_w.detach(), new_b.detach())
+    record_bias_magnitude(gm, layer, magnitude)
+    node.replace_all_uses_with(layer.node)
+    gm.graph.erase_node(node)
+    return Rewrite(NAME, "fold_bn", node.name, [layer.node.name, node.name], True,
+                   f"{node.name} folded into {layer.node.name}", params_saved=norm.param_count(),
+                   path=path)
+
+
+@register(NAME, positions=(10,), shapes=True)
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN):
+        norm = norm_of(gm, node, ctx.ops.modules)
+        if norm is None:
             continue
-        if not ctx.allows(node.name):
+        layer = layer_of(gm, norm.input, ctx.ops.modules)
+        reason = _check(norm, layer, gm)
+        if reason is not None:
+            yield Refusal(NAME, node.name, [node.name], f"BatchNorm not folded: {reason}",
+                          path=norm.path)
             continue
-        prod, reason = _check(gm, node, calls)
-        if prod is None:
-            refusals.append(Refusal(NAME, node.name, [node.name], f"BatchNorm not folded: {reason}"))
-            continue
-        conv, bn = gm.get_submodule(prod.target), gm.get_submodule(node.target)
-        w, b = weight_bias(conv)
-        s = bn.weight.detach().double() if bn.affine else torch.ones_like(b)
-        s = s / torch.sqrt(bn.running_var.double() + bn.eps)
-        beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(b)
-        w = w * s.view(-1, *([1] * (w.dim() - 1)))
-        b = (b - bn.running_mean.double()) * s + beta
-        set_module(gm, prod.target, with_weights(conv, w, b))
-        node.replace_all_uses_with(prod)
-        gm.graph.erase_node(node)
-        saved = sum(p.numel() for p in bn.parameters())
-        rewrites.append(Rewrite(NAME, "fold_bn", node.name, [prod.name, node.name], True,
-                                f"{node.name} folded into {prod.name}", params_saved=saved))
-    return finish(gm, NAME, rewrites, refusals)
+        yield Candidate(node.name, functools.partial(_fold, gm, norm, layer))

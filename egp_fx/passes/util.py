@@ -1,101 +1,71 @@
-"""Small graph/module helpers shared by the passes."""
+"""Small helpers the passes share: costs, constants, magnitudes of folded biases."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..layer import CAPTURE_META_KEY, Layer, add_attr
 
-def modules_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    return dict(gm.named_modules())
-
-
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    return gm.get_submodule(node.target)
+MAGNITUDE_META_KEY = "egp_bias_magnitude"
+ROUNDING = 2.0 ** -24        # unit roundoff of float32
 
 
-def set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path `target`."""
-    parent_name, _, name = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, name, new)
-
-
-def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str) -> str:
-    """Register `value` as a buffer on gm under a fresh name; return the name for get_attr."""
-    base = "_egp_const_" + "".join(c if c.isalnum() else "_" for c in hint)
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach().clone())
-    return name
-
-
-def calls_per_module(gm: fx.GraphModule) -> dict[str, int]:
-    """How many call_module nodes call each module target (a rewrite must not touch a shared one)."""
-    out: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            out[n.target] = out.get(n.target, 0) + 1
-    return out
-
-
-def single_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def conv_or_linear(mod: nn.Module | None) -> bool:
-    return isinstance(mod, (nn.Conv2d, nn.Linear, nn.Conv1d))
-
-
-def weight_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) as float64 copies; a missing bias is zeros."""
-    w = mod.weight.detach().double().clone()
-    out = w.shape[0] if not isinstance(mod, nn.ConvTranspose2d) else w.shape[1]
-    b = mod.bias.detach().double().clone() if mod.bias is not None else w.new_zeros(out)
-    return w, b
-
-
-def with_weights(mod: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
-                 groups: int | None = None) -> nn.Module:
-    """A new module like `mod` (conv or linear) carrying `weight`/`bias` (shapes may differ).
-
-    `groups` overrides the conv's group count (a narrowed depthwise conv has fewer groups).
-    """
-    dtype, device = mod.weight.dtype, mod.weight.device
-    if isinstance(mod, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        groups = mod.groups if groups is None else groups
-        in_ch = weight.shape[1] * groups
-        cls = type(mod) if type(mod) in (nn.Conv1d, nn.Conv2d) else nn.Conv2d
-        new = cls(in_ch, weight.shape[0], weight.shape[2:], stride=mod.stride, padding=mod.padding,
-                  dilation=mod.dilation, groups=groups, bias=bias is not None,
-                  padding_mode=mod.padding_mode)
-    else:
-        raise TypeError(f"with_weights: unsupported module {type(mod).__name__}")
-    new.weight = nn.Parameter(weight.to(dtype=dtype, device=device), requires_grad=False)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=False)
-    return new.eval()
-
-
-def conv_flops(mod: nn.Module, out_shape) -> int:
-    """Multiply-add FLOPs (x2) of one sample through a conv/linear with output shape out_shape."""
+def layer_flops(layer: Layer, out_shape) -> int:
+    """Multiply-add FLOPs (x2) of one sample through `layer` with output shape `out_shape`."""
     if out_shape is None:
         return 0
-    w = mod.weight
-    out_numel = 1
-    for d in out_shape[1:]:
-        out_numel *= int(d)
-    if isinstance(mod, nn.Linear):
-        return 2 * out_numel * w.shape[1]
-    return 2 * out_numel * int(w[0].numel())
+    out_numel = math.prod(int(d) for d in out_shape[1:])
+    per_output = layer.weight.shape[1] if layer.is_linear else layer.weight[0].numel()
+    return 2 * out_numel * int(per_output)
 
 
 def params_of(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
+
+
+def layer_params(layer: Layer) -> int:
+    return layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
+
+
+def aten_form(gm: fx.GraphModule) -> bool:
+    """Was gm captured with torch.export (aten-level ops)?"""
+    info = gm.meta.get(CAPTURE_META_KEY)
+    return info is not None and info.mode == "export"
+
+
+def arithmetic(gm: fx.GraphModule, name: str):
+    """The mul/add function in the graph's own spelling."""
+    if aten_form(gm):
+        return {"mul": torch.ops.aten.mul.Tensor, "add": torch.ops.aten.add.Tensor}[name]
+    return {"mul": torch.mul, "add": torch.add}[name]
+
+
+def constant(gm: fx.GraphModule, value: torch.Tensor, hint: str, before: fx.Node) -> fx.Node:
+    """A get_attr node for a new buffer holding `value` (name derived from `hint`)."""
+    base = "_egp_const_" + "".join(c if c.isalnum() else "_" for c in hint)
+    return add_attr(gm, base, value, before)
+
+
+def bias_key(layer: Layer) -> str:
+    """Where the magnitude of a layer's folded bias is recorded."""
+    return str(layer.node.target) if layer.module is not None else \
+        str(layer.weight_node.target).rpartition(".")[0] + "#bias"
+
+
+def record_bias_magnitude(gm: fx.GraphModule, layer: Layer, magnitude: torch.Tensor) -> None:
+    """Record the sum of |terms| that produced each bias entry (float64): the scale of the
+    float32 rounding in it, which constants.py uses to tell a rounding residue from a value."""
+    gm.meta.setdefault(MAGNITUDE_META_KEY, {})[bias_key(layer)] = magnitude.detach().double().cpu()
+
+
+def bias_magnitude(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | None:
+    """The recorded magnitude of the layer's bias, else |bias| (None without a bias)."""
+    if layer.bias is None:
+        return None
+    recorded = gm.meta.get(MAGNITUDE_META_KEY, {}).get(bias_key(layer))
+    if recorded is not None and recorded.shape == layer.bias.shape:
+        return recorded
+    return layer.bias.detach().double().abs().cpu()

@@ -1,0 +1,107 @@
+"""Canonical form of a torch.export graph: one spelling per operation, for ops.py and layer.py.
+
+Each rewrite computes exactly what it replaces:
+- `getitem(_native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps), 0)` becomes
+  `batch_norm(x, w, b, mean, var, False, momentum, eps, False)` (one node, as the pre-dispatch
+  graph spells it);
+- a product with an attribute weight W [in, out] (`addmm(b, x, W)`, `mm(x, W)`,
+  `matmul(x, W)`: Hugging Face's Conv1D in GPT-2) becomes `linear(x, W', b)` with W' the
+  transposed *view* of W (no copy): linear computes x @ W'.T + b = x @ W + b, the same
+  product with the same operands;
+- runtime checks of dtype and device (`_assert_tensor_metadata`) and the input-guard module
+  go: they compute nothing.
+Node metadata is reduced to the module path and the source line (`nn_module_stack`,
+`stack_trace`); the symbolic shapes of the capture are re-derived on demand (shapes.py).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..layer import attr, set_attr
+
+aten = torch.ops.aten
+_KEEP_META = ("nn_module_stack", "stack_trace")
+
+
+def _batch_norm(graph: fx.Graph) -> int:
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not aten._native_batch_norm_legit_no_training.default:
+            continue
+        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        if len(outs) != len(node.users) or any(outs[i].users for i in outs if i != 0) or 0 not in outs:
+            continue
+        x, w, b, mean, var, momentum, eps = node.args
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.batch_norm.default,
+                                      (x, w, b, mean, var, False, momentum, eps, False))
+        new.meta.update({k: node.meta[k] for k in _KEEP_META if k in node.meta})
+        outs[0].replace_all_uses_with(new)
+        for user in outs.values():
+            graph.erase_node(user)
+        graph.erase_node(node)
+        done += 1
+    return done
+
+
+def _transposed_weight(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1 \
+        and isinstance(t := attr(gm, node.target), torch.Tensor) and t.dim() == 2 \
+        and t.is_floating_point()
+
+
+def _products(gm: fx.GraphModule) -> int:
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.addmm.default and not node.kwargs and len(node.args) == 3:
+            b, x, w = node.args
+            if not (isinstance(b, fx.Node) and b.op == "get_attr" and len(b.users) == 1):
+                continue
+        elif node.target in (aten.mm.default, aten.matmul.default) and len(node.args) == 2:
+            (x, w), b = node.args, None
+        else:
+            continue
+        if not _transposed_weight(gm, w):
+            continue
+        if b is not None and attr(gm, b.target).dim() != 1:
+            continue
+        set_attr(gm, w.target, attr(gm, w.target).t())
+        node.target = aten.linear.default
+        node.args = (x, w, b) if b is not None else (x, w)
+        done += 1
+    return done
+
+
+def _drop_checks(gm: fx.GraphModule) -> int:
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.target is aten._assert_tensor_metadata.default or \
+                (node.op == "call_module" and node.target == "_guards_fn"):
+            gm.graph.erase_node(node)
+            done += 1
+    if hasattr(gm, "_guards_fn") and not any(n.target == "_guards_fn" for n in gm.graph.nodes):
+        delattr(gm, "_guards_fn")
+    return done
+
+
+def canonicalise(gm: fx.GraphModule) -> list[str]:
+    """Rewrite `gm` in place into the canonical form; returns notes on what changed."""
+    notes = []
+    if n := _batch_norm(gm.graph):
+        notes.append(f"{n} BatchNorm call(s) as batch_norm")
+    if n := _products(gm):
+        notes.append(f"{n} product(s) with an attribute weight as linear")
+    _drop_checks(gm)
+    for node in gm.graph.nodes:
+        kept = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
+        node.meta.clear()
+        node.meta.update(kept)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return notes
