@@ -25,7 +25,7 @@ from .data import Batch, iter_batches, loader_length
 from .errors import CalibrationError
 from .ops import Ops, main_input
 from .regions import GELU_MARGINS, SILU_MARGINS, region_spec
-from .shapes import failing_node
+from .shapes import failing_node, propagate
 from .stats import EGP_META_KEY, StatsAccumulator
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,12 @@ def _instrument(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator]) -
     return inst
 
 
-def accumulators_for(gm: fx.GraphModule, gelu_margins=GELU_MARGINS, silu_margins=SILU_MARGINS
-                     ) -> dict[str, StatsAccumulator]:
-    """One StatsAccumulator per supported activation call of gm."""
+def accumulators_for(gm: fx.GraphModule, example: Batch | None, gelu_margins=GELU_MARGINS,
+                     silu_margins=SILU_MARGINS) -> dict[str, StatsAccumulator]:
+    """One StatsAccumulator per supported activation call of gm (shapes from `example` tell
+    the channel axis where a reshape sits between a layer and its activation)."""
+    if example is not None:
+        propagate(gm, example.head(1))
     ops = Ops(gm)
     out: dict[str, StatsAccumulator] = {}
     for node in gm.graph.nodes:
@@ -97,7 +100,8 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
     first, counted = (next(batches, None), True) if not reduce else dist_stats.first_batch(batches)
     gm = capture(model, first, mode=capture_mode)
     gm = moved(gm, device)
-    accumulators = accumulators_for(gm, gelu_margins, silu_margins)
+    accumulators = accumulators_for(gm, first.to(device) if first is not None else None,
+                                    gelu_margins, silu_margins)
     if not accumulators:
         log.warning("calibrate: the model has no supported activation calls")
     inst = _instrument(gm, accumulators)

@@ -46,6 +46,17 @@ class Batch:
         """The first n samples (dim 0 of every tensor)."""
         return self.map(lambda t: t[:n] if t.dim() else t)
 
+    def widen(self, n: int = 2) -> Batch:
+        """At least n samples: the batch repeated along dim 0 when it has fewer.
+
+        Shape propagation and FLOP counting run on fake tensors, where a batch of one gives some
+        views strides a real run never sees (Hugging Face's grouped-query attention); they run
+        on two samples instead."""
+        if self.size >= n:
+            return self
+        reps = -(-n // self.size)
+        return self.map(lambda t: t.repeat(reps, *([1] * (t.dim() - 1)))[:n] if t.dim() else t)
+
     @property
     def size(self) -> int:
         """The batch size: dim 0 of the first tensor."""

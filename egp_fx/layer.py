@@ -278,11 +278,13 @@ class Layer:
         kwargs = dict(self.node.kwargs)
         kwargs.pop("bias", None)
         if not self.is_linear:
-            for name, index, default in (("stride", 3, 1), ("padding", 4, 0), ("dilation", 5, 1),
-                                         ("groups", 6, 1)):
+            dims = self.dims
+            for name, index, default in (("stride", 3, 1), ("padding", 4, 0), ("dilation", 5, 1)):
                 value = geometry.get(name, arg(self.node, index, name, default))
                 kwargs.pop(name, None)
-                args[index] = list(value) if isinstance(value, tuple) else value
+                args[index] = value if isinstance(value, str) else list(_tuple(value, dims))
+            kwargs.pop("groups", None)
+            args[6] = int(geometry.get("groups", arg(self.node, 6, "groups", 1)))
         else:
             args = args[:3]
         self.node.args, self.node.kwargs = tuple(args), kwargs

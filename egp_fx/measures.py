@@ -40,20 +40,29 @@ class Totals:
 
 
 def count_params(module: nn.Module) -> int:
-    params = sum(p.numel() for p in module.parameters())
-    buffers = sum(b.numel() for name, b in module.named_buffers()
-                  if name.rsplit(".", 1)[-1] not in RUNNING_STATS)
-    return params + buffers
+    """Elements of the distinct parameters and constant buffers (a weight tied under two names,
+    or held as a view, counts once)."""
+    seen, total = set(), 0
+    tensors = [*module.parameters(), *(b for name, b in module.named_buffers()
+                                       if name.rsplit(".", 1)[-1] not in RUNNING_STATS)]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) \
+            if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
+    return total
 
 
 def count_flops(module: nn.Module, example) -> int:
-    """FLOPs of one sample (`example`: a tensor or batch), counted on fake tensors."""
-    batch = as_batch(example).head(1)
+    """FLOPs of one sample (`example`: a tensor or batch), counted on fake tensors (on two
+    samples, halved: see data.Batch.widen)."""
+    batch = as_batch(example).head(1).widen(2)
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = batch.map(mode.from_tensor)
         with FlopCounterMode(display=False) as counter:
             fake(module)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) // 2
 
 
 def longest_path_count(gm: fx.GraphModule, roles: frozenset) -> int:

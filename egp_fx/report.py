@@ -81,6 +81,19 @@ class CompressReport:
                 out[rw.activation] = rw.decision
         return out
 
+    def decisions_by_path(self) -> dict[str, list[Decision]]:
+        """Module path of an activation -> the decisions for its calls (a module called twice,
+        as torchvision's BasicBlock calls its ReLU, has two entries)."""
+        paths: dict[str, str] = {}
+        for item in [*self.refusals, *self.rewrites]:
+            if item.activation and item.path:
+                paths.setdefault(item.activation, item.path)
+        out: dict[str, list[Decision]] = {}
+        for node, decision in self.decisions().items():
+            if node in paths:
+                out.setdefault(paths[node], []).append(decision)
+        return out
+
     def to_dict(self) -> dict:
         """Plain JSON types; an infinite error (NaN/Inf output, see egp_fx.verify) is "inf"."""
         def rewrite(r: Rewrite) -> dict:

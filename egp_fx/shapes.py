@@ -44,11 +44,12 @@ def flat_args(gm: fx.GraphModule, batch: Batch) -> list:
 
 
 def propagate(gm: fx.GraphModule, example: Batch) -> None:
-    """Fill node.meta['tensor_meta'] for every node from one fake-tensor run on `example`."""
+    """Fill node.meta['tensor_meta'] for every node from one fake-tensor run on `example`
+    (widened to two samples, see data.Batch.widen: the batch dim of every shape is 2)."""
     prop = ShapeProp(gm)  # built outside the fake mode: it would deep-copy gm to fake tensors
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         prop.propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
-                         for t in flat_args(gm, example)])
+                         for t in flat_args(gm, example.widen(2))])
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

@@ -101,13 +101,7 @@ class ActivationStats:
         return region
 
     def _channels_where(self, predicate) -> list[int]:
-        region = self.region_of_channel()
-        out = []
-        for r in range(3):
-            aff = self.spec.affine(r)
-            if aff is not None and predicate(aff):
-                out += torch.nonzero(region == r).flatten().tolist()
-        return sorted(out)
+        return [c for c, a in enumerate(self.channel_affine()) if a is not None and predicate(a)]
 
     @property
     def dead_channels(self) -> list[int]:
@@ -125,9 +119,25 @@ class ActivationStats:
         return self._channels_where(lambda a: not a.is_constant)
 
     def channel_affine(self) -> list[Affine | None]:
-        """Per channel, the affine map it computes on all data, or None where it is nonlinear."""
+        """Per channel, the affine map it computes on all data, or None where it is nonlinear.
+
+        A channel whose pre-activation took one value k on all data (zmin == zmax, over more
+        than one sample) outputs the constant act(k): Affine(0, slope k + offset) in a linear
+        region, and Affine(0, 0) for k = 0 in a nonlinear one (every supported activation maps
+        0 to 0). A layer row EGP pruned to zero gives such a channel."""
         region = self.region_of_channel().tolist()
-        return [self.spec.affine(r) if r >= 0 else None for r in region]
+        out = [self.spec.affine(r) if r >= 0 else None for r in region]
+        if self.n > 1:
+            fixed = (self.zmin == self.zmax).tolist()
+            for c, (a, same) in enumerate(zip(out, fixed)):
+                if not same:
+                    continue
+                k = float(self.zmin[c])
+                if a is not None and a.slope != 0.0:
+                    out[c] = Affine(0.0, a.slope * k + a.offset)
+                elif a is None and k == 0.0:
+                    out[c] = Affine(0.0, 0.0)
+        return out
 
     @property
     def margin(self) -> torch.Tensor:

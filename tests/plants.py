@@ -29,6 +29,14 @@ def plant_constant(bn: nn.BatchNorm2d | nn.BatchNorm1d, channels, value: float) 
     bn.bias.data[idx] = value
 
 
+def plant_linear(bn: nn.BatchNorm2d | nn.BatchNorm1d, channels, value: float) -> None:
+    """Channels of `bn` output `value` plus a term below 1e-2 (on normalised data): one region of
+    a following activation, but not a constant (a constant input makes a constant unit)."""
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    bn.weight.data[idx] = 1e-3
+    bn.bias.data[idx] = value
+
+
 def plant_dead(bn, channels) -> None:
     plant_constant(bn, channels, -1.0)
 

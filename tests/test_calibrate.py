@@ -15,7 +15,7 @@ from torch import nn
 
 import egp_fx
 from egp_fx.errors import CalibrationError, TraceError
-from plants import fit_bn_statistics, plant_constant, plant_dead, realistic_bn
+from plants import fit_bn_statistics, plant_constant, plant_dead, plant_linear, realistic_bn
 
 
 def _rows(gm):
@@ -58,10 +58,14 @@ def test_relu6_regions_dead_saturated_linear():
     bn = model.features[1].conv[0][1]                       # depthwise conv's BN, ReLU6 after it
     plant_constant(bn, [0, 3], -1.0)                        # OFF: dead
     plant_constant(bn, [4], 7.0)                            # saturated: constant 6
-    plant_constant(bn, [7, 8], 2.5)                         # inside (0, 6): linear
+    plant_linear(bn, [7, 8], 2.5)                           # inside (0, 6): linear
+    plant_constant(bn, [9], 2.5)                            # a constant input: constant 2.5
     fit_bn_statistics(model, data)
-    row = _rows(egp_fx.calibrate(model, data, progress=False))["features_1_conv_0_2"]
-    assert (row.kind, row.dead, row.constant, row.linear) == ("relu6", [0, 3], [4], [7, 8])
+    gm = egp_fx.calibrate(model, data, progress=False)
+    row = _rows(gm)["features_1_conv_0_2"]
+    assert (row.kind, row.dead, row.constant, row.linear) == ("relu6", [0, 3], [4, 9], [7, 8])
+    st = next(n for n in gm.graph.nodes if n.name == "features_1_conv_0_2").meta["egp"]
+    assert [(a.slope, a.offset) for a in st.channel_affine()[8:10]] == [(1.0, 0.0), (0.0, 2.5)]
     assert row.state == "mixed"
 
 
@@ -72,12 +76,14 @@ def test_gelu_mlp_on_channels_last_tokens():
     with torch.no_grad():
         fc1.weight[[1, 50, 700]] = 0.0
         fc1.bias[[1, 50, 700]] = -10.0       # GELU beyond -5.5: outputs 0
-        fc1.weight[[9, 10]] = 0.0
+        fc1.weight[[9, 10]] *= 1e-3
         fc1.bias[[9, 10]] = 10.0             # GELU beyond 5.3: the identity
+        fc1.weight[11] = 0.0
+        fc1.bias[11] = 10.0                  # a constant input: the constant gelu(10) = 10
     gm = egp_fx.calibrate(model, _data(2, (2, 3, 64, 64)), progress=False)
     row = _rows(gm)["blocks_3_mlp_act"]
     assert row.channel_dim == -1 and row.channels == 768
-    assert row.dead == [1, 50, 700] and row.linear == [9, 10]
+    assert row.dead == [1, 50, 700] and row.linear == [9, 10] and row.constant == [11]
     assert _rows(gm)["blocks_2_mlp_act"].dead == []
 
 
@@ -95,7 +101,7 @@ class _Leaky(nn.Module):
 def test_leaky_relu_stuck_on_its_negative_side_is_linear_not_dead():
     model = _Leaky()
     data = _data(2, (4, 3, 16, 16))
-    plant_constant(model.bn, [1, 6], -2.0)
+    plant_linear(model.bn, [1, 6], -2.0)
     fit_bn_statistics(model, data)
     gm = egp_fx.calibrate(model, data, progress=False)
     row = _rows(gm)["act"]

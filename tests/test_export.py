@@ -146,8 +146,9 @@ def test_parity_failure_raises_and_leaves_no_file(tmp_path):
     assert not path.exists()
 
 
-def test_tolerance_decides(tmp_path, monkeypatch):
-    """A disagreement of 1e-3 fails at atol 1e-5 and passes at atol 1e-2."""
+def test_tolerance_is_relative_to_each_output_scale(tmp_path, monkeypatch):
+    """A disagreement of 1e-3 on outputs of magnitude ~1 fails at the default 1e-4 of the scale
+    and passes at 1e-2; the element-wise figure is reported as well."""
     real_run = ort.InferenceSession.run
 
     def nudged(self, output_names, feed, *args, **kwargs):
@@ -156,13 +157,48 @@ def test_tolerance_decides(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ort.InferenceSession, "run", nudged)
     path = tmp_path / "m.onnx"
-    with pytest.raises(ExportError, match="rtol=0.0001, atol=1e-05"):
-        export_onnx(small_convnet(), path, torch.randn(1, 3, 12, 12), exporters=("torchscript",))
+    model, x = small_convnet(), torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    with pytest.raises(ExportError, match=r"tolerance 0.0001"):
+        export_onnx(model, path, x, exporters=("torchscript",))
     assert not path.exists()
-    result = export_onnx(small_convnet(), path, torch.randn(1, 3, 12, 12), atol=1e-2,
-                         exporters=("torchscript",))
+    result = export_onnx(model, path, x, tolerance=1e-2, exporters=("torchscript",))
     assert result.max_abs_err == pytest.approx(1e-3, rel=1e-2)
+    assert result.max_rel_err <= 1e-3 / scale * 1.05
+    assert result.max_elementwise_rel_err >= result.max_rel_err
     assert path.is_file()
+
+
+def test_outputs_near_zero_are_not_refused(tmp_path):
+    """Rounding-level differences on an output with entries near zero: element-wise rules would
+    refuse this; the scale-relative rule must not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 8)).eval()
+    with torch.no_grad():
+        model[-1].bias.copy_(-model[-1](model[:-1](torch.zeros(1, 64)))[0] * 0 - 1e-6)
+    result = export_onnx(model, tmp_path / "z.onnx", torch.randn(4, 64) * 50)
+    assert result.max_rel_err <= 1e-5
+
+
+def test_a_corrupted_onnx_weight_is_caught(tmp_path, monkeypatch):
+    real = export_mod._export
+
+    def corrupting(model, path, *args, **kwargs):
+        real(model, path, *args, **kwargs)
+        proto = onnx.load(str(path))
+        init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        values = onnx.numpy_helper.to_array(init).copy()
+        values.flat[0] += 0.5
+        init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+        onnx.save(proto, str(path))
+
+    monkeypatch.setattr(export_mod, "_export", corrupting)
+    path = tmp_path / "c.onnx"
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_onnx(small_convnet(), path, torch.randn(2, 3, 12, 12))
+    assert not path.exists()
 
 
 def test_check_false_skips_parity(tmp_path):
@@ -174,10 +210,10 @@ def test_check_false_skips_parity(tmp_path):
 def test_falls_back_to_the_next_exporter(tmp_path, monkeypatch):
     real = export_mod._export
 
-    def torchscript_broken(model, path, inputs, n_out, exporter, *args):
+    def torchscript_broken(model, path, batch, names, outs, dims, exporter, *args):
         if exporter == "torchscript":
             raise RuntimeError("torchscript exporter is gone")
-        return real(model, path, inputs, n_out, exporter, *args)
+        return real(model, path, batch, names, outs, dims, exporter, *args)
 
     monkeypatch.setattr(export_mod, "_export", torchscript_broken)
     model = graph_module()
@@ -219,3 +255,5 @@ def test_bad_arguments():
         export_onnx(small_convnet(), "x.onnx", torch.randn(1, 3, 8, 8), exporters=("tvm",))
     with pytest.raises(TypeError, match="example_inputs"):
         export_onnx(small_convnet(), "x.onnx", [1, 2])
+    with pytest.raises(TypeError, match="example_inputs"):
+        export_onnx(small_convnet(), "x.onnx", 3.0)

@@ -28,7 +28,7 @@ from ..errors import CalibrationError, TraceError
 from ..layer import CAPTURE_META_KEY
 from ..shapes import failing_node
 from ..verify import ErrorMeter, tensor_leaves
-from .canonical import canonicalise
+from .canonical import canonical_modules, canonicalise
 from .export_trace import export_capture, fixed_keywords
 from .fx_trace import LEAF_MODULES, fx_capture, register_leaf_module, register_wrapped_function
 
@@ -97,16 +97,16 @@ def _check(gm: fx.GraphModule, reference: list, example: Batch) -> float:
     return meter.error
 
 
-def _try_fx(root, example, leaf_modules) -> tuple[fx.GraphModule | None, str | None, float | None]:
+def _try_fx(root, plain, example, leaf_modules) -> tuple[fx.GraphModule | None, str | None, float | None]:
     try:
         gm = fx_capture(root, leaf_modules)
     except TraceError as err:
         if example is not None:
-            _reference(root, example, None)   # a batch the model rejects is the data's fault
+            _reference(plain, example, None)   # a batch the model rejects is the data's fault
         return None, str(err), None
     if example is None:
         return gm, None, None
-    reference = _reference(root, example, gm)
+    reference = _reference(plain, example, gm)
     try:
         err = _check(gm, reference, example)
     except Exception as exc:  # noqa: BLE001  (a traced graph that cannot run is a failed capture)
@@ -116,7 +116,7 @@ def _try_fx(root, example, leaf_modules) -> tuple[fx.GraphModule | None, str | N
     return gm, None, err
 
 
-def _try_export(root, example) -> tuple[fx.GraphModule | None, str | None, CaptureInfo | None]:
+def _try_export(root, plain, example) -> tuple[fx.GraphModule | None, str | None, CaptureInfo | None]:
     if example is None:
         return None, "torch.export needs an example batch (pass calibration data)", None
     try:
@@ -125,7 +125,7 @@ def _try_export(root, example) -> tuple[fx.GraphModule | None, str | None, Captu
         return None, str(err), None
     notes += canonicalise(gm)
     try:
-        err = _check(gm, _reference(root, example, None), example)
+        err = _check(gm, _reference(plain, example, None), example)
     except Exception as exc:  # noqa: BLE001
         return None, f"the exported graph fails on the example batch: {type(exc).__name__}: {exc}", None
     if err > CHECK_TOLERANCE:
@@ -144,25 +144,29 @@ def capture(model: nn.Module, example: Batch | None = None, *, mode: str = "auto
         gm = structural_copy(model).eval()
         gm.meta = dict(getattr(model, "meta", {}))
         return gm
-    root = structural_copy(model).eval()
+    plain = structural_copy(model).eval()       # the reference: the model as it is, in eval mode
+    root = structural_copy(plain)
+    swaps = canonical_modules(root)
     fx_failure = None
     if mode in ("auto", "fx"):
-        gm, fx_failure, err = _try_fx(root, example, leaf_modules)
+        gm, fx_failure, err = _try_fx(root, plain, example, leaf_modules)
         if gm is not None:
-            gm.meta[CAPTURE_META_KEY] = CaptureInfo("fx", check_error=err)
+            gm.meta[CAPTURE_META_KEY] = CaptureInfo("fx", check_error=err, notes=swaps)
             return gm
         if mode == "fx":
             raise TraceError(f"{fx_failure}. Register the module as a leaf with "
                              "egp_fx.register_leaf_module(cls, reason=...) (its activations are "
                              "then not analysed), or use capture='export'")
-        root = structural_copy(model).eval()   # what fx left behind is not reused
-    gm, export_failure, info = _try_export(root, example)
+        root = structural_copy(plain)           # what fx left behind is not reused
+        canonical_modules(root)
+    gm, export_failure, info = _try_export(root, plain, example)
     if gm is None:
         if mode == "export":
             raise TraceError(export_failure)
         raise TraceError(f"neither capture can handle {type(model).__name__}. torch.fx: "
                          f"{fx_failure}. {export_failure}")
     info.fx_failure = fx_failure
+    info.notes = swaps + info.notes
     gm.meta[CAPTURE_META_KEY] = info
     log.info("%s: %s", type(model).__name__, info.describe())
     return gm

@@ -8,10 +8,20 @@ Each rewrite computes exactly what it replaces:
   `matmul(x, W)`: Hugging Face's Conv1D in GPT-2) becomes `linear(x, W', b)` with W' the
   transposed *view* of W (no copy): linear computes x @ W'.T + b = x @ W + b, the same
   product with the same operands;
+- `_unsafe_view`, which functionalisation writes where a reshape had to copy, becomes
+  `reshape` (in a functional graph the two compute the same; fake-tensor shape propagation
+  refuses _unsafe_view of an expanded tensor, as Hugging Face's grouped-query attention makes);
 - runtime checks of dtype and device (`_assert_tensor_metadata`) and the input-guard module
   go: they compute nothing.
 Node metadata is reduced to the module path and the source line (`nn_module_stack`,
 `stack_trace`); the symbolic shapes of the capture are re-derived on demand (shapes.py).
+
+Before either capture, activation modules that spell a known activation out in elementary
+operations are replaced by the torch module computing the same formula, so that the graph holds
+one activation call the classifier knows (`canonical_modules`): Hugging Face's
+NewGELUActivation, FastGELUActivation and GELUTanh compute 0.5 x (1 + tanh(sqrt(2/pi)
+(x + 0.044715 x^3))), which is nn.GELU(approximate="tanh"). The capture is checked against the
+unchanged model (capture/__init__.py), so a swap that changed the function would be caught.
 """
 from __future__ import annotations
 
@@ -19,6 +29,8 @@ import operator
 
 import torch
 import torch.fx as fx
+
+from torch import nn
 
 from ..layer import attr, set_attr
 
@@ -77,6 +89,15 @@ def _products(gm: fx.GraphModule) -> int:
     return done
 
 
+def _reshapes(graph: fx.Graph) -> int:
+    done = 0
+    for node in graph.nodes:
+        if node.target is aten._unsafe_view.default:
+            node.target = aten.reshape.default
+            done += 1
+    return done
+
+
 def _drop_checks(gm: fx.GraphModule) -> int:
     done = 0
     for node in list(gm.graph.nodes):
@@ -96,6 +117,7 @@ def canonicalise(gm: fx.GraphModule) -> list[str]:
         notes.append(f"{n} BatchNorm call(s) as batch_norm")
     if n := _products(gm):
         notes.append(f"{n} product(s) with an attribute weight as linear")
+    _reshapes(gm.graph)
     _drop_checks(gm)
     for node in gm.graph.nodes:
         kept = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
@@ -105,3 +127,29 @@ def canonicalise(gm: fx.GraphModule) -> list[str]:
     gm.graph.lint()
     gm.recompile()
     return notes
+
+
+EQUIVALENT_MODULES = {           # class name -> the torch module computing the same function
+    "NewGELUActivation": lambda m: nn.GELU(approximate="tanh"),
+    "FastGELUActivation": lambda m: nn.GELU(approximate="tanh"),
+    "GELUTanh": lambda m: nn.GELU(approximate="tanh"),
+    "PytorchGELUTanh": lambda m: nn.GELU(approximate="tanh"),
+}
+
+
+def canonical_modules(root: nn.Module) -> list[str]:
+    """Replace, in place, modules of EQUIVALENT_MODULES by their torch equivalent; notes."""
+    swapped: dict[str, int] = {}
+    for path, mod in list(root.named_modules()):
+        make = EQUIVALENT_MODULES.get(type(mod).__name__)
+        if make is None or not path:
+            continue
+        owner_path, _, name = path.rpartition(".")
+        owner = root.get_submodule(owner_path) if owner_path else root
+        setattr(owner, name, make(mod))
+        swapped[type(mod).__name__] = swapped.get(type(mod).__name__, 0) + 1
+    return [f"{n} {cls} as {make_name(cls)}" for cls, n in swapped.items()]
+
+
+def make_name(cls: str) -> str:
+    return repr(EQUIVALENT_MODULES[cls](None))

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..channels import keeps_last_dim
 from ..layer import Layer, layer_of, module_path
 from ..ops import Role, arg, main_input
 from ..shapes import set_dim, shape_of
 from ..stats import EGP_META_KEY, ActivationStats, select_channels
 from . import register
 from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .fold_common import single_tensor_input
 from .util import layer_flops
 
 NAME = "dead_channels"
@@ -85,7 +87,7 @@ def _walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[_Walk, str |
             elif op.role in (Role.IDENTITY, Role.POOL) and main_input(u) is node and (
                     op.role is Role.IDENTITY or not last):
                 walk.passed.append((u, axis, span))
-                stack.append((u, offset, span, False, last))
+                stack.append((u, offset, span, direct and op.role is Role.IDENTITY, last))
             elif op.role in (Role.FLATTEN, Role.RESHAPE):
                 after = shape_of(u)
                 if after is None or not here:
@@ -93,7 +95,7 @@ def _walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[_Walk, str |
                 if last and after[-1] == here[-1]:              # tokens regrouped, channels kept
                     walk.passed.append((u, len(after) - 1, span))
                     walk.reshapes.append(u)
-                    stack.append((u, offset, span, False, True))
+                    stack.append((u, offset, span, direct, True))
                 elif not last and len(after) == 2 and after[0] == here[0] \
                         and after[1] == math.prod(here[1:]):     # flatten after the batch dim
                     s = math.prod(here[2:])
@@ -157,8 +159,12 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | Non
     const = {c: a.offset for c, a in enumerate(affine) if a is not None and a.is_constant}
     if not const or len(const) == st.num_channels:
         return {}, None, None, None   # nothing to do, or every channel constant: constants.py
-    prod = layer_of(gm, main_input(act), ctx.ops.modules)
-    if prod is None:
+    src, pre = main_input(act), []
+    while keeps_last_dim(src, ctx.ops) and len(src.users) == 1 and single_tensor_input(src):
+        pre.append(src)
+        src = main_input(src)
+    prod = layer_of(gm, src, ctx.ops.modules)
+    if prod is None or (pre and not prod.is_linear):
         return const, None, None, "the pre-activation is not written by a conv/linear alone"
     if len(prod.node.users) != 1 or prod.shared_with():
         return const, None, None, f"{prod.node.name} has other users or is shared"
@@ -167,6 +173,9 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | Non
     walk, reason = _walk(gm, ctx, act, st.channel_dim, st.num_channels)
     if reason:
         return const, None, None, reason
+    for node in pre:
+        walk.passed.append((node, -1, 1))
+        walk.reshapes.append(node)
     readers = [r.layer.node for r in walk.reads]
     if len(set(readers)) != len(readers):
         return const, None, None, "a layer reads the channels twice"

@@ -151,7 +151,7 @@ def _cost(m1: Layer, m2: Layer, plan: _Plan, sweep: Sweep) -> tuple[str | None, 
         key = (m1.node.name, m2.node.name, plan.kind)
         if key not in sweep.cache:
             tm = m1.input.meta["tensor_meta"]
-            x = torch.randn(tuple(tm.shape), dtype=tm.dtype, device=m1.weight.device)
+            x = torch.randn((1, *tm.shape[1:]), dtype=tm.dtype, device=m1.weight.device)
             with torch.no_grad():
                 pair = nn.Sequential(m1.as_module(), m2.as_module())
                 sweep.cache[key] = (opts.latency_fn(pair, x), opts.latency_fn(plan.dummy(m2), x))
@@ -175,6 +175,9 @@ def _check(m1: Layer, skipped, m2: Layer, sweep: Sweep) -> str | None:
         return f"not folded: dtype/device differ ({m1.weight.dtype}, {m2.weight.dtype})"
     if not m1.is_linear and (m1.dims, m2.dims) != (2, 2):
         return "not folded: only 2-D convolutions are merged"
+    lead1, lead2 = shape_of(m1.input), shape_of(m2.input)
+    if skipped and (lead1 is None or lead2 is None or lead1[:-1] != lead2[:-1]):
+        return "not folded: the reshapes between the layers change the leading dims"
     return None
 
 
@@ -198,7 +201,7 @@ def fold_chain(node, sweep: Sweep) -> Candidate | Refusal | None:
     m2 = sweep.layer(node)
     if m2 is None:
         return None
-    first, skipped = sweep.producer(m2.input)
+    first, skipped = sweep.producer(m2.input, tokens=m2.is_linear)
     m1 = sweep.layer(first)
     if m1 is None or m1.is_linear != m2.is_linear:
         return None

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from ..channels import keeps_last_dim
 from ..layer import Layer, layer_of, share_index
 from ..ops import Role, main_input
+from ..shapes import shape_of
 from .base import Candidate, PassContext, PassRun, Refusal
 
 
@@ -53,6 +55,13 @@ def padding_of(layer: Layer) -> tuple[int, ...] | None:
     return layer.padding
 
 
+def single_tensor_input(node: fx.Node) -> bool:
+    """The node reads one tensor (its other inputs, if any, are symbolic sizes)."""
+    src = main_input(node)
+    return src is not None and all(i is src or shape_of(i) is None and i.op != "get_attr"
+                                   for i in node.all_input_nodes)
+
+
 def is_pointwise(layer: Layer) -> bool:
     """A 1x1, stride-1, unpadded, undilated, ungrouped conv: a Linear over channels."""
     return (not layer.is_linear and layer.dims == 2 and layer.kernel_size == (1, 1)
@@ -72,11 +81,13 @@ class Sweep:
         """The conv/linear that `node` calls on a single tensor, else None."""
         return layer_of(self.gm, node, self.ctx.ops.modules)
 
-    def producer(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-        """Walk back from `node` through identity ops: (producer, skipped)."""
+    def producer(self, node: fx.Node, tokens: bool = False) -> tuple[fx.Node, list[fx.Node]]:
+        """Walk back from `node` through identity ops (and, with `tokens`, reshapes that keep
+        the last dim): (producer, skipped)."""
         skipped = []
-        while self.ctx.ops(node).role is Role.IDENTITY and isinstance(main_input(node), fx.Node) \
-                and len(node.all_input_nodes) == 1:
+        while isinstance(main_input(node), fx.Node) and single_tensor_input(node) and (
+                self.ctx.ops(node).role is Role.IDENTITY
+                or (tokens and keeps_last_dim(node, self.ctx.ops))):
             skipped.insert(0, node)
             node = main_input(node)
         return node, skipped
