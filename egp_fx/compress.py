@@ -81,11 +81,15 @@ class _Run:
         """Run all passes and verify once; if the group fails, redo it pass by pass."""
         snapshot = structural_copy(gm)
         done = []
-        for name in tqdm(names, desc="compress", disable=not self.progress, leave=False):
-            t0 = time.perf_counter()
-            done.append((name, run_pass(name, gm, self.ctx), time.perf_counter() - t0))
-        rewrites = [r for _, outcome, _ in done for r in outcome.rewrites]
-        ok, err, _ = self.verifier.judge(gm, rewrites) if rewrites else (True, 0.0, "")
+        try:
+            for name in tqdm(names, desc="compress", disable=not self.progress, leave=False):
+                t0 = time.perf_counter()
+                done.append((name, run_pass(name, gm, self.ctx), time.perf_counter() - t0))
+        except Exception:  # noqa: BLE001  (a failing pass is isolated below, not fatal)
+            log.debug("a pass failed in the group; running pass by pass", exc_info=True)
+            done = None
+        rewrites = [r for _, outcome, _ in done for r in outcome.rewrites] if done else []
+        ok, err, _ = self.verifier.judge(gm, rewrites) if rewrites else (done is not None, 0.0, "")
         if ok:
             for name, outcome, seconds in done:
                 self._record(name, outcome.rewrites, outcome.refusals, 0, err, seconds)
@@ -101,7 +105,15 @@ class _Run:
         t0 = time.perf_counter()
         snapshot = structural_copy(gm)
         first = len(self.report.rewrites)
-        outcome = run_pass(name, gm, self.ctx)
+        try:
+            outcome = run_pass(name, gm, self.ctx)
+        except Exception as err:  # noqa: BLE001  (the pass is skipped, the model kept as it was)
+            log.warning("compress: pass %s failed (%s: %s); its changes are rolled back", name,
+                        type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            self.report.refusals.append(Refusal(name, name, [], f"pass failed: "
+                                                f"{type(err).__name__}: {err}"))
+            self.report.passes.append(PassSummary(name, 0, 1, 0, 0.0, time.perf_counter() - t0))
+            return snapshot
         rolled = 0
         if outcome.modified:
             ok, err, _ = self.verifier.judge(gm, outcome.rewrites)

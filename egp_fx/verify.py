@@ -178,10 +178,16 @@ class Verifier:
         self.noise = 0.0
 
     def _measure(self, run, refs) -> ErrorMeter:
+        """The error over all batches; a module that raises fails with the exception as reason."""
         meter = ErrorMeter()
         with torch.no_grad():
             for batch, ref in zip(self.batches, refs):
-                meter.add(run(batch), ref)
+                try:
+                    out = run(batch)
+                except Exception as err:  # noqa: BLE001  (a broken rewrite is rolled back, named)
+                    meter.reason = f"raises {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    break
+                meter.add(out, ref)
                 if meter.failed:
                     break
         return meter
@@ -196,10 +202,12 @@ class Verifier:
                 self._refs64 = [run_float64(self.original, b) for b in self.batches]
                 self.noise = self._measure(lambda b: tensor_leaves(b(self.original)),
                                            self._refs64).error
-            meter = self._measure(lambda b: run_float64(gm, b), self._refs64)
         except Exception:  # noqa: BLE001  (an op without float64 support: float32 decides)
             log.debug("float64 re-check not possible; the float32 error decides", exc_info=True)
-        return meter.error, meter.reason
+            return meter.error, meter.reason
+        meter64 = self._measure(lambda b: run_float64(gm, b), self._refs64)
+        return (meter.error, meter.reason) if meter64.reason and meter64.reason.startswith(
+            "raises") else (meter64.error, meter64.reason)
 
     def judge(self, gm, rewrites) -> tuple[bool, float, str]:
         """(accepted, error, the reason a rejected rewrite is rolled back)."""

@@ -110,7 +110,11 @@ def export_capture(root: nn.Module, example: Batch) -> tuple[fx.GraphModule, str
             program = program.run_decompositions({})
     except Exception as err:  # export raises many types; summarised for the user
         raise TraceError(export_failure(err)) from err
-    return _module(program), prefix, notes
+    gm = _module(program)
+    for name in ("train", "eval"):   # ExportedProgram.module() makes both raise; the captured
+        gm.__dict__.pop(name, None)  # graph is functional, so its mode is only a flag here
+    gm.eval()
+    return gm, prefix, notes
 
 
 _DATA_DEPENDENT = ("data-dependent", "GuardOnDataDependentSymNode", "Could not guard on data-dependent",
