@@ -14,14 +14,17 @@ float64, and the node becomes a buffer. Where a constant meets a live tensor in 
 broadcasts over the batch. A constant that would reach anything else (a concat, the output, a
 reshape that reads the batch size) makes the seed refused.
 
-Zero up to rounding. Next to each value v the evaluation carries M, the sum of the magnitudes of
-the terms that produced it (|W| M_in + M_b through a layer, |s| M_in + |mean s| + |beta| through a
-BatchNorm, M_a + M_b through an add; a folded bias brings the magnitude fold_bn recorded), and k,
-the longest chain of float32 roundings behind it (a layer adds its fan-in). The float32 model
-computes v with an error up to k u M (u = 2^-24). A constant whose every entry has
-|v| <= k u M is zero to within the rounding of its own computation: it becomes exactly zero
-(rewrite kind "zero_up_to_rounding", with that bound). A BatchNorm whose shift cancels its mean
-term then leaves no `x + 1e-8` behind.
+Zero up to rounding. Next to each value v the evaluation carries e, a bound on the error with
+which the float32 model computes it (standard forward error analysis, u = 2^-24):
+    layer      e = |W| e_in + n u |W| |v_in| + e_b + u |v|      (n: the fan-in)
+    BatchNorm  e = |s| e_in + 3 u (|s v_in| + |mean s| + |beta|)
+    add / sub  e = e_a + e_b + u |v|,   mul  e = |a| e_b + |b| e_a + u |v|
+    activation, pooling, identity: e of the input (plus u |v|)
+A dead activation's output is exactly 0 (e = 0); a bias that fold_bn computed brings the bound
+of the float32 BatchNorm arithmetic it replaced, 3 u (|b s| + |mean s| + |beta|). A constant whose
+every entry has |v| <= e is zero to within the rounding of its own computation: it becomes
+exactly zero (rewrite kind "zero_up_to_rounding", with the bound). A BatchNorm whose shift
+cancels its mean term then leaves no `x + 1e-8` behind, while a constant of any real size stays.
 
 Then algebra: x + 0 -> x, (x + c1) + c2 -> x + (c1 + c2), and a ReLU whose input is provably
 non-negative (relu/relu6 outputs, non-negative constants, sums, pools and concats of those)
@@ -40,12 +43,12 @@ from torch.func import functional_call
 
 from ..layer import attr, layer_of, module_path, norm_of, set_attr
 from ..ops import ARITHMETIC, Role, main_input
-from ..regions import NONNEGATIVE_KINDS
+from ..regions import NONNEGATIVE_KINDS, region_spec
 from ..shapes import dtype_of, shape_of
 from ..stats import EGP_META_KEY, ActivationStats
 from . import register
 from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
-from .util import ROUNDING, arithmetic, bias_magnitude, constant, layer_params
+from .util import ROUNDING, arithmetic, bias_rounding, constant, layer_params
 
 NAME = "constants"
 _PER_SAMPLE = frozenset({Role.LAYER, Role.NORM, Role.ACTIVATION, Role.NONLINEAR,
@@ -55,16 +58,10 @@ _BROADCAST = frozenset({Role.ADD, Role.SUB, Role.MUL})
 
 @dataclass
 class _Const:
-    """A constant's value (float64, batch of one), the magnitude M of the terms behind each entry,
-    and k, the longest chain of float32 roundings that produced it."""
+    """A constant's value (float64, batch of one) and the bound on its float32 rounding error."""
 
     value: torch.Tensor
-    magnitude: torch.Tensor
-    k: int
-
-    @property
-    def bound(self) -> torch.Tensor:
-        return self.k * ROUNDING * self.magnitude
+    bound: torch.Tensor
 
 
 def _full(per_channel: torch.Tensor, shape, channel_dim: int) -> torch.Tensor:
@@ -85,14 +82,14 @@ def _seed(gm, node: fx.Node, ctx) -> tuple[_Const | None, str]:
         if all(a is not None and a.is_constant for a in affine):
             k = _full(torch.tensor([a.offset for a in affine]), shape, st.channel_dim)
             what = "all channels dead" if not bool(k.any()) else "all channels constant"
-            return _Const(k, k.abs(), 1), what
+            return _Const(k, torch.zeros_like(k)), what
     layer = layer_of(gm, node, ctx.ops.modules)
     if layer is not None and not bool(layer.weight.any()):
         n = layer.out_channels
         b = layer.bias.detach().double().cpu() if layer.bias is not None else torch.zeros(n, dtype=torch.float64)
-        m = bias_magnitude(gm, layer)
-        m = m if m is not None else torch.zeros(n, dtype=torch.float64)
-        return _Const(_full(b, shape, layer.out_axis), _full(m, shape, layer.out_axis), 2), \
+        e = bias_rounding(gm, layer)
+        e = e if e is not None else torch.zeros(n, dtype=torch.float64)
+        return _Const(_full(b, shape, layer.out_axis), _full(e, shape, layer.out_axis)), \
             "all weights zero (collapsed layer)"
     return None, ""
 
@@ -122,15 +119,16 @@ def _value(gm, a, env: dict):
         if a in env:
             return env[a].value
         v = attr(gm, a.target)
-        return v.detach().double().cpu() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        return v.detach().to("cpu", torch.float64, copy=True) \
+            if isinstance(v, torch.Tensor) and v.is_floating_point() else v
     return a
 
 
 def _same_op(gm, node: fx.Node, env: dict, field: str):
-    """Run node's op on the `field` ("value" or "magnitude") of its constant inputs (float64)."""
-    def load(a):
+    """Run node's op on the `field` ("value" or "bound") of its constant inputs (float64)."""
+    def load(a):   # a copy: an in-place op (ReLU(inplace=True)) must not change env's values
         if isinstance(a, fx.Node) and a in env:
-            return getattr(env[a], field)
+            return getattr(env[a], field).clone()
         return _value(gm, a, env)
 
     args = fx.node.map_aggregate(node.args, load)
@@ -146,7 +144,7 @@ def _same_op(gm, node: fx.Node, env: dict, field: str):
         return getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
-def _layer_const(layer, x: _Const, mb) -> _Const:
+def _layer_const(layer, x: _Const, e_bias) -> _Const:
     w = layer.weight.detach().double().cpu()
     b = layer.bias.detach().double().cpu() if layer.bias is not None else None
     if layer.is_linear:
@@ -156,42 +154,63 @@ def _layer_const(layer, x: _Const, mb) -> _Const:
         geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
                     "groups": layer.groups}
         run = lambda t, w_, b_: conv(t, w_, b_, **geometry)  # noqa: E731
-    return _Const(run(x.value, w, b), run(x.magnitude, w.abs(), mb), x.k + w[0].numel() + 1)
+    value = run(x.value, w, b)
+    n = w[0].numel()
+    bound = run(x.bound + n * ROUNDING * x.value.abs(), w.abs(), e_bias) + ROUNDING * value.abs()
+    return _Const(value, bound)
 
 
 def _norm_const(norm, x: _Const) -> _Const:
     s, t = norm.scale_shift()
     view = [1, -1] + [1] * (x.value.dim() - 2)
+    s, t = s.view(view), t.view(view)
     beta = norm.tensors["bias"]
-    t_mag = (norm.tensors["running_mean"].detach().double().cpu() * s).abs() + (
+    terms = (norm.tensors["running_mean"].detach().double().cpu() * norm.scale_shift()[0]).abs() + (
         beta.detach().double().cpu().abs() if beta is not None else 0.0)
-    return _Const(x.value * s.view(view) + t.view(view),
-                  x.magnitude * s.abs().view(view) + t_mag.view(view), x.k + 3)
+    return _Const(x.value * s + t,
+                  x.bound * s.abs() + 3 * ROUNDING * ((x.value * s).abs() + terms.view(view)))
+
+
+def _activation_bound(spec, x: _Const) -> torch.Tensor:
+    """Lipschitz <= 1.2 for every supported activation, and no error at all where the input's
+    whole error interval lies in a region the activation maps to a constant (a ReLU of -1 +- e
+    is exactly 0)."""
+    bound = 1.2 * x.bound
+    if spec is None:
+        return bound
+    lo, hi = x.value - x.bound, x.value + x.bound
+    exact = torch.zeros_like(bound, dtype=torch.bool)
+    if spec.low is not None and spec.low.is_constant:
+        exact |= hi <= spec.lo
+    if spec.high is not None and spec.high.is_constant:
+        exact |= (lo > spec.hi) if spec.hi_strict else (lo >= spec.hi)
+    return torch.where(exact, torch.zeros_like(bound), bound)
 
 
 def _evaluate(gm, node: fx.Node, env: dict, ctx) -> _Const:
-    """The float64 value of `node` on constant inputs, with its magnitude and rounding depth."""
+    """The float64 value of `node` on constant inputs, with its rounding bound."""
     role = ctx.ops(node).role
     layer = layer_of(gm, node, ctx.ops.modules) if role is Role.LAYER else None
     if layer is not None:
-        return _layer_const(layer, env[layer.input], bias_magnitude(gm, layer))
+        return _layer_const(layer, env[layer.input], bias_rounding(gm, layer))
     norm = norm_of(gm, node, ctx.ops.modules) if role is Role.NORM else None
     if norm is not None:
         return _norm_const(norm, env[norm.input])
     ins = [env[i] for i in node.all_input_nodes if i in env]
-    k = max((c.k for c in ins), default=0) + 1
     value = _same_op(gm, node, env, "value")
-    if role is Role.ACTIVATION and len(ins) == 1 and ins[0].magnitude.shape == value.shape:
-        magnitude = ins[0].magnitude          # |act(v)| <= |v|, and it rounds nothing itself
+    own = ROUNDING * value.abs()
+    if role is Role.ACTIVATION and len(ins) == 1 and ins[0].bound.shape == value.shape:
+        bound = _activation_bound(region_spec(ctx.ops(node)), ins[0]) + own
     elif role in (Role.POOL, Role.IDENTITY, Role.FLATTEN) and len(ins) == 1:
-        magnitude = _same_op(gm, node, env, "magnitude")
+        bound = _same_op(gm, node, env, "bound") + own
     elif role in (Role.ADD, Role.SUB) and len(ins) == len(node.all_input_nodes):
-        magnitude = functools.reduce(operator.add, (c.magnitude for c in ins))
+        bound = functools.reduce(operator.add, (c.bound for c in ins)) + own
     elif role is Role.MUL and len(ins) == 2:
-        magnitude = ins[0].magnitude * ins[1].magnitude
+        a, b = ins
+        bound = a.value.abs() * b.bound + b.value.abs() * a.bound + own
     else:                                     # no bound known: only an exact zero is zero
-        magnitude = torch.zeros_like(value)
-    return _Const(value, magnitude.expand_as(value), k)
+        bound = torch.zeros_like(value)
+    return _Const(value, bound.expand_as(value))
 
 
 def _compact(v: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ With s = gamma / sqrt(var + eps), a preceding layer z = W x + b folds exactly:
     b' = (b - mean) * s + beta
 
 computed in float64 by torch.nn.utils.fusion (fuse_conv_bn_weights / fuse_linear_bn_weights) and
-cast back. The layer's output must feed only the BatchNorm, and neither may be shared. The
-magnitude |b s| + |mean s| + |beta| of each new bias entry is recorded: a bias that is zero in
-real arithmetic comes out of float32 as a residue of about 1e-8 of it (constants.py).
+cast back. The layer's output must feed only the BatchNorm, and neither may be shared. For each
+new bias entry the rounding bound of the float32 arithmetic it replaces,
+3 u (|b s| + |mean s| + |beta|), is recorded: a bias that is zero in real arithmetic comes out of
+float32 as a residue below it (constants.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ..layer import Layer, Norm, layer_of, norm_of
 from ..shapes import shape_of
 from . import register
 from .base import Candidate, PassContext, PassRun, Refusal, Rewrite
-from .util import record_bias_magnitude
+from .util import ROUNDING, record_bias_rounding
 
 NAME = "fold_bn"
 
@@ -51,10 +52,10 @@ def _fold(gm: fx.GraphModule, norm: Norm, layer: Layer) -> Rewrite:
     new_w, new_b = fuse(w, b, t["running_mean"], t["running_var"], norm.eps, t["weight"], t["bias"])
     scale, _ = norm.scale_shift()
     beta = t["bias"] if t["bias"] is not None else torch.zeros_like(scale)
-    magnitude = (b * scale).abs() + (t["running_mean"] * scale).abs() + beta.abs()
+    rounding = 3 * ROUNDING * ((b * scale).abs() + (t["running_mean"] * scale).abs() + beta.abs())
     node, path = norm.node, norm.path
     layer.replace(new_w.detach(), new_b.detach())
-    record_bias_magnitude(gm, layer, magnitude)
+    record_bias_rounding(gm, layer, rounding)
     node.replace_all_uses_with(layer.node)
     gm.graph.erase_node(node)
     return Rewrite(NAME, "fold_bn", node.name, [layer.node.name, node.name], True,

@@ -1,4 +1,4 @@
-"""Small helpers the passes share: costs, constants, magnitudes of folded biases."""
+"""Small helpers the passes share: costs, constants, rounding bounds of folded biases."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from torch import nn
 
 from ..layer import CAPTURE_META_KEY, Layer, add_attr
 
-MAGNITUDE_META_KEY = "egp_bias_magnitude"
+ROUNDING_META_KEY = "egp_bias_rounding"
 ROUNDING = 2.0 ** -24        # unit roundoff of float32
 
 
@@ -50,22 +50,23 @@ def constant(gm: fx.GraphModule, value: torch.Tensor, hint: str, before: fx.Node
 
 
 def bias_key(layer: Layer) -> str:
-    """Where the magnitude of a layer's folded bias is recorded."""
+    """Where the rounding bound of a layer's folded bias is recorded."""
     return str(layer.node.target) if layer.module is not None else \
         str(layer.weight_node.target).rpartition(".")[0] + "#bias"
 
 
-def record_bias_magnitude(gm: fx.GraphModule, layer: Layer, magnitude: torch.Tensor) -> None:
-    """Record the sum of |terms| that produced each bias entry (float64): the scale of the
-    float32 rounding in it, which constants.py uses to tell a rounding residue from a value."""
-    gm.meta.setdefault(MAGNITUDE_META_KEY, {})[bias_key(layer)] = magnitude.detach().double().cpu()
+def record_bias_rounding(gm: fx.GraphModule, layer: Layer, bound: torch.Tensor) -> None:
+    """Record, per bias entry, the float32 rounding error of the arithmetic a fold replaced
+    (float64): constants.py uses it to tell a rounding residue from a value."""
+    gm.meta.setdefault(ROUNDING_META_KEY, {})[bias_key(layer)] = bound.detach().double().cpu()
 
 
-def bias_magnitude(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | None:
-    """The recorded magnitude of the layer's bias, else |bias| (None without a bias)."""
+def bias_rounding(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | None:
+    """The recorded rounding bound of the layer's bias, else 0 (a bias is exact as stored);
+    None without a bias."""
     if layer.bias is None:
         return None
-    recorded = gm.meta.get(MAGNITUDE_META_KEY, {}).get(bias_key(layer))
+    recorded = gm.meta.get(ROUNDING_META_KEY, {}).get(bias_key(layer))
     if recorded is not None and recorded.shape == layer.bias.shape:
         return recorded
-    return layer.bias.detach().double().abs().cpu()
+    return torch.zeros(layer.bias.shape, dtype=torch.float64)
