@@ -215,10 +215,20 @@ def test_resume_continues_after_last_iteration(tmp_path, monkeypatch):
         _tiny_run(tmp_path, 3, measure_compress=False)
 
 
-def test_imp_loop_halves_the_nonzero_weights_each_round():
-    _, result = _tiny_run(None, 2, method="imp", measure_compress=False)
-    total = 6 * 3 * 9 + 2 * 6 * 6 * 9                            # 810 prunable weights
-    assert [r.sparsity for r in result.log] == [0.0, 405 / total, 607 / total]   # 405, then 202
+@pytest.mark.parametrize("scope", ["all", "prunable"])
+def test_imp_loop_halves_the_nonzero_weights_each_round(scope):
+    _, result = _tiny_run(None, 2, method="imp", imp_scope=scope, measure_compress=False)
+    prunable = 6 * 3 * 9 + 2 * 6 * 6 * 9                         # 810 weights in the three convs
+    total = prunable + 6 * 10                                    # and 60 in the classifier
+    budgets = [r.budget for r in result.log[1:]]
+    if scope == "prunable":                                      # 405, then 202
+        assert budgets == [405, 202]
+        assert [r.sparsity for r in result.log] == [0.0, 405 / prunable, 607 / prunable]
+    else:                                                        # 435, then 217, fc included
+        assert budgets == [435, 217]
+        assert [r.sparsity_all for r in result.log] == [0.0, 435 / total, 652 / total]
+        assert sum(result.log[1].pruned.values()) == 435 and "fc" in result.log[1].pruned
+        assert int(result.model.fc.weight.count_nonzero()) < 60
 
 
 def test_errors():
