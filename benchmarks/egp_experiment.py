@@ -259,8 +259,8 @@ def claims(summary: list[dict], rows: list[dict]) -> list[str]:
     sd = max(egp["accuracy"]["std"], reinit["accuracy"]["std"])
     fmt = lambda v: f"{100 * v:.2f}%"  # noqa: E731
     return [
-        f"EGP removes whole layers, IMP removes none: {'reproduced' if egp_removes and imp_removes == 0 else 'not reproduced'}"
-        f" here. After {last} rounds compress removes {egp['removed']['mean']:.1f} conv/linear "
+        "EGP removes whole layers, IMP removes none: "
+        f"{'reproduced' if egp_removes and imp_removes == 0 else 'not reproduced'} here. After {last} rounds compress removes {egp['removed']['mean']:.1f} conv/linear "
         f"layers from the longest path of the EGP models (min {egp['removed']['min']}, max "
         f"{egp['removed']['max']} over {n} seeds) and at most {imp_removes} from any IMP model "
         "(either scope).",
@@ -277,8 +277,8 @@ def claims(summary: list[dict], rows: list[dict]) -> list[str]:
         f"{fmt(reinit['accuracy']['mean'])} +- {fmt(reinit['accuracy']['std'])} (EGP ahead in "
         f"{wins} of {n} seeds, level in {ties}; difference of means {100 * diff:+.2f} points, "
         f"largest standard deviation {100 * sd:.2f}; 'reproduced' asks for EGP ahead in every "
-        f"seed and a difference of means above that deviation). The ablation's network has EGP's depth but is dense in its "
-        f"surviving layers: {reinit['nonzero_params']['mean']:,.0f} nonzero parameters against "
+        f"seed and a difference of means above that deviation). The ablation's network has EGP's "
+        f"depth but is dense in its surviving layers: {reinit['nonzero_params']['mean']:,.0f} nonzero parameters against "
         f"EGP's {egp['nonzero_params']['mean']:,.0f}.",
         f"Speed (not measured by the paper): the compressed EGP models run "
         f"{egp['speedup_b1']['mean']:.2f}x (batch 1) and {egp['speedup_bmax']['mean']:.2f}x "
@@ -385,14 +385,18 @@ def plot(doc: dict, path: Path) -> None:
     summary = doc["summary"]
     fig = Figure(figsize=(12, 10), layout="constrained")
     axes = fig.subplots(3, 2).flatten()
-    panels = [("accuracy", "validation accuracy (%)", 100), ("removed", "conv/linear layers removed by compress", 1),
-              ("speedup_b1", "ORT CPU speedup, batch 1", 1), ("speedup_bmax", "ORT CPU speedup, large batch", 1),
-              ("zero_entropy", "zero-entropy ReLU calls (of 17)", 1), ("emptied", "emptied convs (of 17)", 1)]
+    panels = [("accuracy", "validation accuracy (%)", 100),
+              ("removed", "conv/linear layers removed by compress", 1),
+              ("speedup_b1", "ORT CPU speedup, batch 1", 1),
+              ("speedup_bmax", "ORT CPU speedup, large batch", 1),
+              ("zero_entropy", "zero-entropy ReLU calls (of 17)", 1),
+              ("emptied", "emptied convs (of 17)", 1)]
     dense = next(r for r in summary if r["method"] == "dense")
     styles = {"egp": "o-", "imp-all": "s--", "imp-prunable": "^:"}
     for ax, (key, title, scale) in zip(axes, panels):
         for method, style in styles.items():
-            pts = [dense] + sorted((r for r in summary if r["method"] == method), key=lambda r: r["iteration"])
+            pts = [dense] + sorted((r for r in summary if r["method"] == method),
+                                   key=lambda r: r["iteration"])
             pts = [r for r in pts if key in r]
             x = [r["iteration"] for r in pts]
             mean = [scale * r[key]["mean"] for r in pts]

@@ -38,7 +38,8 @@ from .allocation import allocate
 from .augment import Augment, AugmentedLoader
 from .errors import PruneError
 from .imp import global_magnitude_prune
-from .layers import PrunableLayer, find_prunable, masks_from_zeros, prune_smallest, weight_of, weighted_modules
+from .layers import (PrunableLayer, find_prunable, masks_from_zeros, prune_smallest, weight_of,
+                     weighted_modules)
 from .record import compress_summary, layer_entropy, make_record
 from .reinit import train_from_scratch
 from .runlog import (LOG_NAME, REINIT_NAME, IterationRecord, PruneResult, checkpoint_path,
@@ -101,7 +102,8 @@ def _open_run(out: Path, header: dict, model: nn.Module, resume: bool) -> list[I
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         if (out / LOG_NAME).exists():
-            raise PruneError(f"{out} already holds a run ({LOG_NAME}): pass resume=True or another out_dir")
+            raise PruneError(f"{out} already holds a run ({LOG_NAME}): pass resume=True or another "
+                             "out_dir")
         return []
     records = read_finished(out, header)
     if records and records[-1].iteration > 0:
