@@ -5,6 +5,7 @@
     egp-fx export   MODEL --data DATA --out model.onnx [--original]
     egp-fx bench    MODEL --data DATA [--batch-sizes 1,8] [--backends ort-cpu] [--repeats 20]
     egp-fx prune    MODEL --data DATA --method egp|imp [--iterations 5] [--out DIR]
+                    [--imp-scope all|prunable] [--augment none|crop-flip|shift] [--reinit-ablation]
     egp-fx demo     [ARGS...]
 
 MODEL is a torchvision or timm model name, or package.module:factory (cli_models.py); DATA is a
@@ -152,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per round")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--out", help="folder for pruned.safetensors and the run log")
+    p.add_argument("--imp-scope", choices=("all", "prunable"), default="all",
+                   help="IMP's layers: all conv/linear (the reference) or the ones EGP prunes")
+    p.add_argument("--augment", choices=("none", "crop-flip", "shift"), default="none",
+                   help="augment training and entropy batches: random crop (pad 4) + flip, or "
+                        "shifts of up to 2 pixels (digits)")
+    p.add_argument("--reinit-ablation", action="store_true",
+                   help="then re-initialise the surviving layers and train them from scratch")
+    p.add_argument("--reinit-epochs", type=int,
+                   help="epochs of the ablation (default: iterations x epochs)")
     p = _command(sub, "demo", "run the egp_fx demonstration", model=False, data=False,
                  compress=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the demo")

@@ -213,7 +213,7 @@ def _check_classes(inputs: _Inputs, args) -> None:
 
 def run_prune(args) -> tuple[dict, str]:
     try:
-        from .prune import FinetuneConfig, prune
+        from .prune import FinetuneConfig, augment_preset, prune
     except ImportError as err:
         raise CLIError(f"egp-fx prune needs egp_fx.prune, which is not available here ({err})",
                        EXIT_USAGE) from err
@@ -222,9 +222,11 @@ def run_prune(args) -> tuple[dict, str]:
         raise DataError(f"--data {args.data}: pruning fine-tunes the model and needs labels "
                         "(class sub-folders, a y/labels array, or 'digits')")
     _check_classes(inputs, args)
+    augment = augment_preset(args.augment)          # argparse has checked the name
     result = prune(inputs.model, inputs.data.loader, method=args.method, iterations=args.iterations,
                    ratio=args.ratio, finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr),
-                   out_dir=args.out, progress=not args.no_progress)
+                   imp_scope=args.imp_scope, augment=augment, reinit_ablation=args.reinit_ablation,
+                   reinit_epochs=args.reinit_epochs, out_dir=args.out, progress=not args.no_progress)
     files = {}
     if args.out:
         from safetensors.torch import save_file
@@ -236,9 +238,13 @@ def run_prune(args) -> tuple[dict, str]:
     keys = ("iteration", "method", "accuracy", "sparsity", "params", "nonzero_params",
             "zero_entropy_layers", "off_layers", "on_layers", "activation_layers", "compress")
     summary = {k: getattr(final, k) for k in keys if hasattr(final, k)}
+    if result.reinit is not None:
+        summary["reinit"] = {k: getattr(result.reinit, k) for k in (*keys, "frozen")}
     text = (f"pruned {args.model} with {args.method} for {args.iterations} iteration(s): "
             f"sparsity {summary.get('sparsity')}, accuracy {summary.get('accuracy')}, "
             f"activation calls with zero entropy {summary.get('zero_entropy_layers')}"
+            + (f"\nre-initialised and trained from scratch: accuracy {result.reinit.accuracy}, "
+               f"{len(result.reinit.frozen)} frozen (emptied) layer(s)" if result.reinit else "")
             + "".join(f"\nwrote {p}" for p in files.values()))
     return {**_base(args, inputs), "final": summary, "files": files}, text
 

@@ -35,22 +35,52 @@ def test_allocation_softmax_shares_by_hand():
     assert alloc.emptied == [] and alloc.excluded == {}
 
 
-def test_allocation_overflow_redistributes_once():
-    # B = floor(.5 * 2100) = 1050; a_a = 491.7 >= 100: a is emptied, 950 left for b and c with
-    # shares renormalised to 1/(1+e^-2) and e^-2/(1+e^-2): 836.757 and 113.243 -> 837, 113.
+def test_allocation_overflow_recomputes_relevance_over_the_waiting_layers():
+    # B = .5 * 2100 = 1050; pass 1: a_a = 1050 * s_a = 491.7 > 100: a is emptied, its I leaves the
+    # sum. Pass 2 over {b, c}: sum I = 1.5, R = (3, 1.5), s_b = 1 / (1 + e^-1.5) = .81757,
+    # a_b = 950 * s_b = 776.69, a_c = 173.31. The reference truncates each layer: b = 776, c = 173
+    # (1049 in all); largest remainder gives the missing unit to b (.69 > .31): 777, 173 (1050).
+    # Renormalising the first pass's shares instead (the old allocation) gave 837, 113: 6% of B.
     alloc = allocate(H, MEAN_ABS, {"a": 100, "b": 1000, "c": 1000})
-    assert alloc.budget == 1050
-    assert alloc.prune == {"a": 100, "b": 837, "c": 113}
-    assert alloc.emptied == ["a"]
+    assert alloc.budget == 1050 and alloc.pruned == 1050
+    assert alloc.prune == {"a": 100, "b": 777, "c": 173}
+    assert alloc.emptied == ["a"] and alloc.passes == 2
+    assert alloc.allotment["b"] == pytest.approx(950 / (1 + math.exp(-1.5)), rel=1e-12)
+    truncated = allocate(H, MEAN_ABS, {"a": 100, "b": 1000, "c": 1000}, rounding="truncate")
+    assert truncated.prune == {"a": 100, "b": 776, "c": 173}           # the reference's numbers
+
+
+def test_allocation_one_tiny_irrelevance_does_not_crash():
+    # I_a = 1e-3, I_b = I_c = 1: R_a = 2001 and R_b = R_c = 2.001, so exp(R_b - R_a) underflows to
+    # 0.0 and a gets the whole first pass: 1050 > 100, a is emptied. Renormalising the first
+    # pass's shares then divided 950 by their sum, 0.0 (ZeroDivisionError). Recomputed over
+    # {b, c}: R_b = R_c = 2, equal shares, 475 each.
+    alloc = allocate({"a": 1e-3, "b": 1.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0},
+                     {"a": 100, "b": 1000, "c": 1000})
+    assert alloc.shares["b"] == 0.0 and alloc.shares["a"] == 1.0      # the first pass underflows
+    assert alloc.prune == {"a": 100, "b": 475, "c": 475}
+    assert alloc.emptied == ["a"] and alloc.passes == 2
+
+
+def test_allocation_overflow_is_strict():
+    # Equal I: a_x = a_y = .5 * 200 / 2 = 50 = r_x exactly. The reference empties a layer only when
+    # its allotment exceeds what it has left (r < a): x is not emptied and one pass is enough.
+    alloc = allocate({"x": 0.5, "y": 0.5}, {"x": 1.0, "y": 1.0}, {"x": 50, "y": 150})
+    assert alloc.allotment == {"x": 50.0, "y": 50.0}
+    assert alloc.prune == {"x": 50, "y": 50}
+    assert alloc.emptied == [] and alloc.passes == 1
+    # one weight fewer in x: now 49 < 50, x is emptied and y takes the other 50 in a second pass
+    alloc = allocate({"x": 0.5, "y": 0.5}, {"x": 1.0, "y": 1.0}, {"x": 49, "y": 150})
+    assert alloc.prune == {"x": 49, "y": 50} and alloc.emptied == ["x"] and alloc.passes == 2
 
 
 def test_allocation_overflow_cascades():
-    # B = 1400; round 1: a_a = 655.6 >= 100 (a emptied), a_b = 655.6 < 700;
-    # round 2: 1300 left, a_b = 1300/(1+e^-2) = 1145.0 >= 700 (b emptied); round 3: c gets 600.
+    # B = 1400; pass 1: a_a = 655.6 > 100 (a emptied), a_b = 655.6 < 700; pass 2 over {b, c}:
+    # R = (3, 1.5), a_b = 1300 / (1 + e^-1.5) = 1062.8 > 700 (b emptied); pass 3: c gets 600.
     alloc = allocate(H, MEAN_ABS, {"a": 100, "b": 700, "c": 2000})
     assert alloc.budget == 1400
     assert alloc.prune == {"a": 100, "b": 700, "c": 600}
-    assert alloc.emptied == ["a", "b"]
+    assert alloc.emptied == ["a", "b"] and alloc.passes == 3
 
 
 def test_allocation_excludes_zero_entropy_and_empty_layers():
@@ -185,10 +215,20 @@ def test_resume_continues_after_last_iteration(tmp_path, monkeypatch):
         _tiny_run(tmp_path, 3, measure_compress=False)
 
 
-def test_imp_loop_halves_the_nonzero_weights_each_round():
-    _, result = _tiny_run(None, 2, method="imp", measure_compress=False)
-    total = 6 * 3 * 9 + 2 * 6 * 6 * 9                            # 810 prunable weights
-    assert [r.sparsity for r in result.log] == [0.0, 405 / total, 607 / total]   # 405, then 202
+@pytest.mark.parametrize("scope", ["all", "prunable"])
+def test_imp_loop_halves_the_nonzero_weights_each_round(scope):
+    _, result = _tiny_run(None, 2, method="imp", imp_scope=scope, measure_compress=False)
+    prunable = 6 * 3 * 9 + 2 * 6 * 6 * 9                         # 810 weights in the three convs
+    total = prunable + 6 * 10                                    # and 60 in the classifier
+    budgets = [r.budget for r in result.log[1:]]
+    if scope == "prunable":                                      # 405, then 202
+        assert budgets == [405, 202]
+        assert [r.sparsity for r in result.log] == [0.0, 405 / prunable, 607 / prunable]
+    else:                                                        # 435, then 217, fc included
+        assert budgets == [435, 217]
+        assert [r.sparsity_all for r in result.log] == [0.0, 435 / total, 652 / total]
+        assert sum(result.log[1].pruned.values()) == 435 and "fc" in result.log[1].pruned
+        assert int(result.model.fc.weight.count_nonzero()) < 60
 
 
 def test_errors():

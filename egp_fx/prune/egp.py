@@ -1,16 +1,21 @@
-"""The EGP prune loop (EGP.md, "EGP pruning step"), and IMP with the same loop.
+"""The EGP prune loop (EGP.md, "EGP pruning step"), IMP with the same loop, and the ablation.
 
-    model_0 = a deep copy of the caller's model; stats_0 = calibrate(model_0)
+    model_0 = a deep copy of the caller's model; stats_0 = calibrate(model_0, train data)
     for i = 1..iterations:
         EGP: n_l = allocate(H_l from stats_{i-1}, |w_l|, nonzero_l)   (allocation.py)
-             zero the n_l smallest |w| of each layer l
-        IMP: zero the smallest-|w| half of all prunable weights, globally   (imp.py)
+             zero the n_l smallest |w| of each prunable layer l
+        IMP: zero the smallest-|w| half of the nonzero weights, globally over the scope:
+             "all" conv/linear layers (the reference) or the EGP-"prunable" ones   (imp.py)
         fine-tune with the masks kept (train.py)
-        stats_i = calibrate(model_i) (eval mode, train loader)  ->  entropies, OFF/ON layers
+        stats_i = calibrate(model_i) (eval mode, train data)  ->  entropies, OFF/ON layers
         record accuracy, sparsity, what egp_fx.compress removes; checkpoint; log
+    reinit_ablation: re-draw model_iterations (frozen emptied layers) and train it from scratch
+                     (reinit.py), recorded beside the rounds
 
 The statistics are taken after fine-tuning, so the ones recorded for iteration i are the ones
-that steer the pruning of iteration i+1.
+that steer the pruning of iteration i+1. With `augment`, the training batches of fine-tuning and
+of the entropy pass are augmented (augment.py), as in the reference; compress and the accuracy
+are measured on the loaders as given.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,19 +33,22 @@ from tqdm.auto import tqdm
 
 from ..calibrate import calibrate
 from ..data import batch_label
-from ..table import layer_stats
 from ..tracing import trace
 from .allocation import allocate
+from .augment import Augment, AugmentedLoader
 from .errors import PruneError
 from .imp import global_magnitude_prune
-from .layers import (PrunableLayer, count_nonzero, find_prunable, masks_from_zeros, prune_smallest,
-                     weight_of, weighted_modules)
-from .runlog import (LOG_NAME, IterationRecord, PruneResult, checkpoint_path, load_checkpoint,
-                     read_finished, save_checkpoint, write_log)
+from .layers import (PrunableLayer, find_prunable, masks_from_zeros, prune_smallest, weight_of,
+                     weighted_modules)
+from .record import compress_summary, layer_entropy, make_record
+from .reinit import train_from_scratch
+from .runlog import (LOG_NAME, REINIT_NAME, IterationRecord, PruneResult, checkpoint_path,
+                     load_checkpoint, read_finished, read_reinit, save_checkpoint, write_log)
 from .train import FinetuneConfig, evaluate, finetune as run_finetune, model_device
 
 log = logging.getLogger(__name__)
 METHODS = ("egp", "imp")
+IMP_SCOPES = ("all", "prunable")
 
 
 def _check_labels(loader: Iterable, config: FinetuneConfig) -> None:
@@ -52,22 +60,33 @@ def _check_labels(loader: Iterable, config: FinetuneConfig) -> None:
     raise PruneError("the training loader yielded no batches")
 
 
-def _layer_entropy(gm: fx.GraphModule, layers: list[PrunableLayer]) -> dict[str, float]:
-    rows = {r.node: r for r in layer_stats(gm)}
-    return {lay.module: sum(rows[a].egp_entropy for a in lay.activations) / len(lay.activations)
-            for lay in layers}
+def _check_args(method: str, iterations: int, ratio: float, imp_scope: str,
+                reinit_epochs: int | None) -> None:
+    if method not in METHODS:
+        raise PruneError(f"method must be one of {METHODS}, got {method!r}")
+    if iterations < 0:
+        raise PruneError(f"iterations must be >= 0, got {iterations}")
+    if not 0 < ratio <= 1:
+        raise PruneError(f"ratio (the share of the remaining weights pruned per round) must be in "
+                         f"(0, 1], got {ratio}")
+    if imp_scope not in IMP_SCOPES:
+        raise PruneError(f"imp_scope must be one of {IMP_SCOPES}, got {imp_scope!r}")
+    if reinit_epochs is not None and reinit_epochs < 1:
+        raise PruneError(f"reinit_epochs must be >= 1, got {reinit_epochs}")
 
 
 def _prune_egp(model: nn.Module, layers: list[PrunableLayer], gm: fx.GraphModule,
                masks: dict[str, torch.Tensor], ratio: float) -> dict:
-    entropy = _layer_entropy(gm, layers)
+    entropy = layer_entropy(gm, layers)
     remaining = {n: int(m.sum()) for n, m in masks.items()}
     mean_abs = {n: float(weight_of(model, n).detach()[masks[n]].abs().double().mean())
                 if remaining[n] else 0.0 for n in masks}
     alloc = allocate(entropy, mean_abs, remaining, ratio)
+    log.debug("EGP allocation: %d passes, emptied %s, excluded %s", alloc.passes, alloc.emptied,
+              alloc.excluded)
     for name, n in alloc.prune.items():
         masks[name] = prune_smallest(weight_of(model, name), masks[name], n)
-    return {"budget": alloc.budget, "pruned": alloc.prune, "emptied": alloc.emptied,
+    return {"budget": alloc.pruned, "pruned": alloc.prune, "emptied": alloc.emptied,
             "excluded": alloc.excluded}
 
 
@@ -78,68 +97,13 @@ def _prune_imp(model: nn.Module, masks: dict[str, torch.Tensor], ratio: float) -
     return {"budget": sum(pruned.values()), "pruned": pruned, "emptied": emptied, "excluded": {}}
 
 
-def _totals(t) -> dict:
-    if is_dataclass(t):
-        return asdict(t)
-    if hasattr(t, "_asdict"):
-        return dict(t._asdict())
-    return {k: getattr(t, k) for k in ("params", "flops", "weighted_depth", "nonlinear_depth")
-            if hasattr(t, k)}
-
-
-def _compress_summary(model: nn.Module, loader: Iterable, gm: fx.GraphModule, options: dict
-                      ) -> dict | None:
-    """What egp_fx.compress removes from `model` (reusing the statistics in `gm`); None when
-    compress is not available."""
-    try:
-        from ..compress import compress  # noqa: PLC0415
-    except ImportError:
-        return None
-    try:
-        kwargs = {"progress": False, "calibrated": gm, **options}
-        report = compress(model, loader, **kwargs).meta["egp_report"]
-        before, after = _totals(report.before), _totals(report.after)
-    except Exception as err:  # reason: a failing measurement must not end a long pruning run
-        log.warning("compress failed on the pruned model: %s: %s", type(err).__name__, err)
-        return {"error": f"{type(err).__name__}: {err}"}
-    removed = None
-    if "weighted_depth" in before and "weighted_depth" in after:
-        removed = before["weighted_depth"] - after["weighted_depth"]
-    return {"before": before, "after": after, "removed_weighted_layers": removed}
-
-
-def _record(i: int, method: str, model: nn.Module, gm: fx.GraphModule, layers: list[PrunableLayer],
-            step: dict, accuracy: float | None) -> IterationRecord:
-    names = [lay.module for lay in layers]
-    nz, tot = count_nonzero(model, names)
-    nz_all, tot_all = count_nonzero(model, weighted_modules(model))
-    params = sum(p.numel() for p in model.parameters())
-    nonzero_params = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    rows = layer_stats(gm)
-    feeder = {a: lay.module for lay in layers for a in lay.activations}
-    acts = [{"node": r.node, "module": feeder.get(r.node), "channels": r.channels,
-             "dead": len(r.dead), "linear": len(r.linear), "egp_entropy": r.egp_entropy,
-             "easier_entropy": r.easier_entropy, "state": r.state} for r in rows]
-    entropy = _layer_entropy(gm, layers)
-    per_layer = [{"module": n, "weights": weight_of(model, n).numel(),
-                  "nonzero": int(torch.count_nonzero(weight_of(model, n))), "entropy": entropy[n]}
-                 for n in names]
-    return IterationRecord(
-        iteration=i, method=method, accuracy=accuracy, sparsity=1 - nz / tot,
-        sparsity_all=1 - nz_all / tot_all, nonzero_params=nonzero_params, params=params,
-        budget=step.get("budget", 0), pruned=step.get("pruned", {}), emptied=step.get("emptied", []),
-        excluded=step.get("excluded", {}), layers=per_layer, activations=acts,
-        zero_entropy_layers=sum(r.egp_entropy == 0 for r in rows),
-        off_layers=sum(r.state == "dead" for r in rows),
-        on_layers=sum(len(r.linear) == r.channels for r in rows), activation_layers=len(rows))
-
-
 def _open_run(out: Path, header: dict, model: nn.Module, resume: bool) -> list[IterationRecord]:
     """The finished records in `out` (loading the last checkpoint into `model`) or [] for a new run."""
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         if (out / LOG_NAME).exists():
-            raise PruneError(f"{out} already holds a run ({LOG_NAME}): pass resume=True or another out_dir")
+            raise PruneError(f"{out} already holds a run ({LOG_NAME}): pass resume=True or another "
+                             "out_dir")
         return []
     records = read_finished(out, header)
     if records and records[-1].iteration > 0:
@@ -150,19 +114,26 @@ def _open_run(out: Path, header: dict, model: nn.Module, resume: bool) -> list[I
 
 def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iterations: int = 5,
           finetune: FinetuneConfig = FinetuneConfig(), val_loader: Iterable | None = None,
-          calib_batches: int | None = None, ratio: float = 0.5, out_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, measure_compress: bool = True,
+          calib_batches: int | None = None, ratio: float = 0.5, imp_scope: str = "all",
+          augment: Augment | None = None, reinit_ablation: bool = False,
+          reinit_epochs: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
+          progress: bool = True, measure_compress: bool = True,
           compress_options: dict | None = None) -> PruneResult:
     """Prune a copy of `model` for `iterations` rounds of EGP (or IMP), fine-tuning after each.
 
-    `calib_batches` limits the training batches used for the entropy statistics (None: all).
-    With `out_dir`, each iteration writes iter_{i}.safetensors and log.json; `resume=True`
-    continues after the last finished iteration found there. `model` is never modified.
+    imp_scope        IMP's layers: "all" conv/linear layers (the reference's baseline) or the
+                     "prunable" ones EGP prunes (the convs feeding a ReLU/GELU)
+    augment          augment the training batches of fine-tuning and of the entropy pass
+    reinit_ablation  after the last round, re-initialise the surviving layers, freeze the
+                     emptied ones and train from scratch for `reinit_epochs` (default: all the
+                     rounds' epochs, iterations * finetune.epochs); result.reinit holds its record
+    calib_batches    training batches used for the entropy statistics (None: all)
+    out_dir          each iteration writes iter_{i}.safetensors and log.json there; `resume=True`
+                     continues after the last finished iteration found there
+
+    `model` is never modified.
     """
-    if method not in METHODS:
-        raise PruneError(f"method must be one of {METHODS}, got {method!r}")
-    if iterations < 0:
-        raise PruneError(f"iterations must be >= 0, got {iterations}")
+    _check_args(method, iterations, ratio, imp_scope, reinit_epochs)
     _check_labels(train_loader, finetune)
     model = copy.deepcopy(model)
     device = model_device(model, finetune.device)
@@ -172,45 +143,86 @@ def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iter
         raise PruneError(f"{type(model).__name__} has no prunable layer: no conv/linear module "
                          "feeds a ReLU or GELU call")
     names = [lay.module for lay in layers]
+    pruned_names = weighted_modules(model) if method == "imp" and imp_scope == "all" else names
     header = {"method": method, "ratio": ratio, "iterations": iterations,
-              "finetune": asdict(finetune), "prunable_layers": names}
+              "finetune": asdict(finetune), "prunable_layers": names, "pruned_layers": pruned_names,
+              "imp_scope": imp_scope if method == "imp" else None,
+              "augment": asdict(augment) if augment is not None else None}
     out = Path(out_dir) if out_dir is not None else None
     records = _open_run(out, header, model, resume) if out is not None else []
+    train_data = AugmentedLoader(train_loader, augment, finetune.input_key) if augment else train_loader
 
-    def stats() -> fx.GraphModule:
-        return calibrate(model.eval(), train_loader, max_batches=calib_batches, device=device,
+    def stats(m: nn.Module) -> fx.GraphModule:
+        return calibrate(m.eval(), train_data, max_batches=calib_batches, device=device,
                          input_key=finetune.input_key, progress=False)
 
-    def measure(i: int, gm: fx.GraphModule, step: dict, history: list[dict], t0: float) -> None:
-        acc = evaluate(model, val_loader, finetune) if val_loader is not None else None
-        rec = _record(i, method, model, gm, layers, step, acc)
-        if measure_compress:
-            rec.compress = _compress_summary(model.eval(), train_loader, gm, compress_options or {})
+    def record(i: int, name: str, m: nn.Module, gm: fx.GraphModule, step: dict,
+               history: list[dict], t0: float) -> IterationRecord:
+        acc = evaluate(m, val_loader, finetune) if val_loader is not None else None
+        rec = make_record(i, name, m, gm, layers, step, acc)
+        if measure_compress:   # statistics of augmented batches are not those of the data as given
+            rec.compress = compress_summary(m.eval(), train_loader, None if augment else gm,
+                                            compress_options or {})
         rec.train, rec.seconds = history, round(time.perf_counter() - t0, 2)
-        records.append(rec)
+        return rec
+
+    def save(i: int) -> None:
         if out is not None:
             if i > 0:
                 save_checkpoint(model, checkpoint_path(out, i))
             write_log(out, header, records)
 
-    gm = stats()
+    gm = stats(model)
     if not records:
-        measure(0, gm, {}, [], time.perf_counter())
+        records.append(record(0, method, model, gm, {}, [], time.perf_counter()))
+        save(0)
     start = records[-1].iteration
     bar = tqdm(range(start + 1, iterations + 1), desc=f"prune[{method}]", unit="iter",
                disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
-        masks = masks_from_zeros(model, names)
+        masks = masks_from_zeros(model, pruned_names)
         step = _prune_egp(model, layers, gm, masks, ratio) if method == "egp" \
             else _prune_imp(model, masks, ratio)
-        history = run_finetune(model, train_loader, finetune, masks, progress=progress,
+        history = run_finetune(model, train_data, finetune, masks, progress=progress,
                                desc=f"{method} iter {i}")
-        gm = stats()
-        measure(i, gm, step, history, t0)
+        gm = stats(model)
+        records.append(record(i, method, model, gm, step, history, t0))
+        save(i)
         rec = records[-1]
         bar.set_postfix(acc=rec.accuracy, sparsity=f"{rec.sparsity:.3f}", zero_H=rec.zero_entropy_layers)
         log.info("%s iteration %d: accuracy %s, sparsity %.4f, zero-entropy layers %d (OFF %d, ON %d)",
                  method, i, rec.accuracy, rec.sparsity, rec.zero_entropy_layers, rec.off_layers,
                  rec.on_layers)
-    return PruneResult(model.eval(), records, out)
+    result = PruneResult(model.eval(), records, out)
+    if reinit_ablation:
+        epochs = reinit_epochs if reinit_epochs is not None else iterations * finetune.epochs
+        result.reinit_model, result.reinit = _ablation(
+            model, records, out, header, epochs, lambda m, gm, step, hist, t0: record(
+                records[-1].iteration, f"{method}-reinit", m, gm, step, hist, t0),
+            stats, train_data, finetune, resume, progress)
+    return result
+
+
+def _ablation(model: nn.Module, records: list[IterationRecord], out: Path | None, header: dict,
+              epochs: int, record, stats, train_data: Iterable, finetune: FinetuneConfig,
+              resume: bool, progress: bool) -> tuple[nn.Module, IterationRecord]:
+    """The re-initialisation ablation of the last round's model (or the stored one on resume)."""
+    last = records[-1].iteration
+    scratch = copy.deepcopy(model)
+    stored = read_reinit(out, last) if out is not None and resume else None
+    if stored is not None and stored.train and len(stored.train) == epochs:
+        load_checkpoint(scratch, out / REINIT_NAME)
+        log.info("re-initialisation ablation of iteration %d reused from %s", last, out)
+        return scratch.eval(), stored
+    if max(epochs, 0) == 0:
+        raise PruneError("the re-initialisation ablation needs at least one epoch: pass reinit_epochs")
+    t0 = time.perf_counter()
+    frozen, history = train_from_scratch(scratch, train_data, finetune, epochs, progress=progress)
+    rec = record(scratch, stats(scratch), {"frozen": frozen}, history, t0)
+    log.info("re-initialisation ablation of iteration %d: accuracy %s (pruned: %s), %d frozen layers",
+             last, rec.accuracy, records[-1].accuracy, len(frozen))
+    if out is not None:
+        save_checkpoint(scratch, out / REINIT_NAME)
+        write_log(out, header, records, rec)
+    return scratch.eval(), rec

@@ -1,11 +1,13 @@
 """Iterative magnitude pruning (IMP), the baseline of EGP.md: global L1 unstructured pruning.
 
-Each round, over all prunable layers together (the same layers EGP prunes):
+Each round, over all layers of the scope together (prune(imp_scope=...): "all" conv/linear layers,
+classifier and shortcut convs included, as the reference's baseline; or "prunable", the layers
+EGP prunes):
 
     N = number of nonzero weights,  n = floor(ratio * N)   (ratio = 0.5)
     zero the n weights with the smallest |w| among the nonzero ones, wherever they are
 
-so that after i rounds the sparsity of those layers is 1 - 0.5^i, and a layer keeps exactly the
+so that after i rounds the sparsity of the scope is 1 - 0.5^i, and a layer keeps exactly the
 weights that are larger than the global threshold. Ties are broken by position (layer order,
 then flat index), so the count is exact.
 """

@@ -26,7 +26,7 @@ from torch import nn
 from ..regions import activation_input, activation_kind
 
 PRUNED_KINDS = frozenset({"relu", "gelu"})
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _THROUGH_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
                     nn.Dropout, nn.Identity)
 _THROUGH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
@@ -55,7 +55,7 @@ def _producers(z: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module" and isinstance(modules.get(node.target), _PRODUCERS):
+        if node.op == "call_module" and isinstance(modules.get(node.target), PRODUCERS):
             found.append(node)
         elif _passes_through(node, modules):
             stack.extend(node.all_input_nodes)
@@ -137,4 +137,4 @@ def count_nonzero(model: nn.Module, names: list[str]) -> tuple[int, int]:
 
 def weighted_modules(model: nn.Module) -> list[str]:
     """Names of all conv/linear modules (for the overall sparsity)."""
-    return [n for n, m in model.named_modules() if isinstance(m, _PRODUCERS)]
+    return [n for n, m in model.named_modules() if isinstance(m, PRODUCERS)]

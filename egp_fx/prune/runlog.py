@@ -1,11 +1,13 @@
 """What prune() records per iteration, and how a run is stored in out_dir.
 
-    out_dir/log.json              {"method", "ratio", "finetune", "prunable_layers", "records": [...]}
+    out_dir/log.json              {"method", "ratio", "finetune", "prunable_layers", "pruned_layers",
+                                   "augment", "records": [...], "reinit": {...} or absent}
     out_dir/iter_{i}.safetensors  the model's state_dict after iteration i (plain weights, zeros
                                   where pruned: the masks are the zeros)
+    out_dir/reinit.safetensors    the re-initialisation ablation's model (reinit_ablation=True)
 
 Iteration 0 is the model as given (no checkpoint: the caller holds it). A run resumes from the
-last record whose checkpoint exists.
+last record whose checkpoint exists; the ablation is reused when it was made from that record.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from torch import nn
 from .errors import PruneError
 
 LOG_NAME = "log.json"
+REINIT_NAME = "reinit.safetensors"
+RESUME_KEYS = ("method", "ratio", "prunable_layers", "pruned_layers", "augment")
 
 
 @dataclass
@@ -31,7 +35,7 @@ class IterationRecord:
     sparsity_all: float                    # zero fraction of all conv/linear weights
     nonzero_params: int                    # over all parameters
     params: int
-    budget: int                            # weights pruned this iteration (B)
+    budget: int                            # weights pruned this iteration
     pruned: dict[str, int]                 # per prunable layer
     emptied: list[str]                     # layers whose last weights went this iteration
     excluded: dict[str, str]               # layer -> why it was not in the pool
@@ -44,6 +48,7 @@ class IterationRecord:
     compress: dict | None = None           # what egp_fx.compress removes (None: not measured)
     train: list[dict] = field(default_factory=list)   # fine-tuning history
     seconds: float = 0.0
+    frozen: list[str] = field(default_factory=list)   # re-initialisation ablation: frozen layers
 
 
 @dataclass
@@ -53,6 +58,8 @@ class PruneResult:
     model: nn.Module
     log: list[IterationRecord]
     out_dir: Path | None = None
+    reinit: IterationRecord | None = None          # the re-initialisation ablation (method "...-reinit")
+    reinit_model: nn.Module | None = None
 
     @property
     def final(self) -> IterationRecord:
@@ -82,8 +89,11 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         raise PruneError(f"checkpoint {path} does not fit the model: {err}") from err
 
 
-def write_log(out_dir: Path, header: dict, records: list[IterationRecord]) -> None:
+def write_log(out_dir: Path, header: dict, records: list[IterationRecord],
+              reinit: IterationRecord | None = None) -> None:
     doc = {**header, "records": [asdict(r) for r in records]}
+    if reinit is not None:
+        doc["reinit"] = asdict(reinit)
     tmp = out_dir / (LOG_NAME + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, out_dir / LOG_NAME)
@@ -95,7 +105,7 @@ def read_finished(out_dir: Path, header: dict) -> list[IterationRecord]:
     if not path.exists():
         return []
     doc = json.loads(path.read_text())
-    for key in ("method", "ratio", "prunable_layers"):
+    for key in RESUME_KEYS:
         if doc.get(key) != header.get(key):
             raise PruneError(f"cannot resume from {path}: its {key} is {doc.get(key)!r}, this run's "
                              f"is {header.get(key)!r}; use another out_dir")
@@ -106,3 +116,12 @@ def read_finished(out_dir: Path, header: dict) -> list[IterationRecord]:
             break
         records.append(IterationRecord(**d))
     return records
+
+
+def read_reinit(out_dir: Path, iteration: int) -> IterationRecord | None:
+    """The ablation stored in out_dir when it was made from `iteration` and its checkpoint exists."""
+    path = out_dir / LOG_NAME
+    if not path.exists() or not (out_dir / REINIT_NAME).exists():
+        return None
+    d = json.loads(path.read_text()).get("reinit")
+    return IterationRecord(**d) if d and d["iteration"] == iteration else None
