@@ -121,7 +121,9 @@ def test_prune_reads_the_unrounded_entropy():
     node = next(n for n in gm.graph.nodes if n.name == "relu3")
     st = node.meta[EGP_META_KEY]
     node.meta[EGP_META_KEY] = dataclasses.replace(st, egp_sum=3e-7 * st.batches)   # H = 3e-7
-    assert next(r for r in layer_stats(gm) if r.node == "relu3").egp_entropy == 0.0   # rounded
+    row = next(r for r in layer_stats(gm) if r.node == "relu3")
+    assert row.egp_entropy == pytest.approx(3e-7, rel=1e-12)      # unrounded in the table ...
+    assert f"{row.egp_entropy:.4f}" == "0.0000"                    # ... rounded only in its text
     layers = find_prunable(trace(model))
     assert layer_entropy(gm, layers)["fc3"] == pytest.approx(3e-7, rel=1e-12)
     masks = masks_from_zeros(model, ["fc1", "fc2", "fc3"])
