@@ -79,7 +79,7 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
               device: torch.device | str | None = None, input_key: str | None = None,
               progress: bool = True, gelu_margins: tuple[float, float] = GELU_MARGINS,
               silu_margins: tuple[float, float] = SILU_MARGINS, capture_mode: str = "auto",
-              distributed: bool | None = None) -> fx.GraphModule:
+              distributed: bool | None = None, on_output=None) -> fx.GraphModule:
     """Capture `model` and record, per activation call, its region statistics.
 
     Returns the captured GraphModule (on `device`, eval mode) with an ActivationStats record in
@@ -87,6 +87,8 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
     yield tensors, (input, ...) tuples or dicts of tensors (egp_fx.data). `capture_mode`:
     "auto" (torch.fx, then torch.export), "fx" or "export". `distributed`: reduce the statistics
     over the ranks of the default process group (default: when one is initialised).
+    `on_output(batch, output)`, when given, sees the model's output for every batch (compress
+    keeps the references it verifies against this way, without another forward).
     """
     from . import distributed as dist_stats  # noqa: PLC0415  (imports torch.distributed lazily)
 
@@ -112,10 +114,12 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
         for i, batch in enumerate(rest):
             batch = batch.to(device)
             try:
-                batch(inst)
+                out = batch(inst)
             except Exception as err:
                 where = failing_node(gm, batch)
                 raise CalibrationError(rejected(i, batch, err, where)) from err
+            if on_output is not None:
+                on_output(batch, out)
             bar.update(1)
     bar.close()
     if reduce:

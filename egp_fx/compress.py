@@ -71,6 +71,43 @@ def _outputs(gm, batches: list[Batch]) -> list[list[torch.Tensor]]:
         return [tensor_leaves(b(gm)) for b in batches]
 
 
+class _Keeper:
+    """Keeps the model's outputs seen during calibration, up to a byte budget: with them the
+    references need no second forward of the original. Past the budget they are dropped and
+    recomputed (language-model logits can be large)."""
+
+    BUDGET = 256 * 2 ** 20
+
+    def __init__(self):
+        self.outputs: list[list[torch.Tensor]] | None = []
+        self.bytes = 0
+
+    def __call__(self, batch, out) -> None:
+        if self.outputs is None:
+            return
+        leaves = [t.detach() for t in tensor_leaves(out)]
+        self.bytes += sum(t.numel() * t.element_size() for t in leaves)
+        self.outputs = self.outputs + [leaves] if self.bytes <= self.BUDGET else None
+
+    def refs(self, gm, batches: list[Batch]) -> list[list[torch.Tensor]]:
+        if self.outputs is not None and len(self.outputs) == len(batches):
+            return self.outputs
+        return _outputs(gm, batches)
+
+
+def _heads(outputs: list[list[torch.Tensor]], batches: list[Batch], n: int | None) -> list:
+    """The outputs of the first n samples (the verification samples of _first_samples)."""
+    if n is None:
+        return outputs
+    out, left = [], n
+    for leaves, batch in zip(outputs, batches):
+        if left <= 0:
+            break
+        out.append([t[:left] if t.dim() and t.shape[0] == batch.size else t for t in leaves])
+        left -= min(left, batch.size)
+    return out
+
+
 class _Run:
     """One compress run: the pass context, the verifier and the report being written."""
 
@@ -217,16 +254,22 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
         check_fits(model, device, share_weights)
     batches = [b.to("cpu") for b in iter_batches(calib_loader, max_batches=max_batches,
                                                   input_key=input_key)]
+    keeper = _Keeper()
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
-        distributed=distributed)
+        distributed=distributed, on_output=keeper)
     dev = next((p.device for p in original.parameters()), torch.device("cpu"))
     batches = [b.to(dev) for b in batches]
     holdout = [b.to(dev) for b in iter_batches(holdout_loader, input_key=input_key)] \
         if holdout_loader is not None else []
     t0 = time.perf_counter()
-    verify = _first_samples(batches, verify_samples) + holdout
-    verifier = Verifier(original, verify, _outputs(original, verify), tolerance, approx_tolerance)
+    if calibrated is not None:
+        keeper.outputs = None
+    refs = keeper.refs(original, batches)
+    holdout_refs = _outputs(original, holdout)
+    verifier = Verifier(original, _first_samples(batches, verify_samples) + holdout,
+                        _heads(refs, batches, verify_samples) + holdout_refs, tolerance,
+                        approx_tolerance)
     example = batches[0].head(1)
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
                             target=target, capture=original.meta.get("egp_capture"))
@@ -238,9 +281,9 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     if not share_weights:
         own_tensors(gm, model)
     report.after = measure(gm, example)
-    report.max_error = output_error(gm, batches, _outputs(original, batches))
+    report.max_error = output_error(gm, batches, refs)
     if holdout:
-        report.holdout_error = output_error(gm, holdout, _outputs(original, holdout))
+        report.holdout_error = output_error(gm, holdout, holdout_refs)
     report.seconds = time.perf_counter() - t0
     gm.meta[REPORT_META_KEY] = report
     gm.meta[ORIGINAL_META_KEY] = Transient(original)

@@ -24,6 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
 from .ops import Role, arg, classify
 
 aten = torch.ops.aten
@@ -83,7 +85,9 @@ def add_attr(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node
     owner = gm.get_submodule(owner_path) if owner_path else gm
     owner.register_buffer(name, value.detach())
     with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(target)
+        node = gm.graph.get_attr(target)
+    node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    return node
 
 
 def _plain(mod: nn.Module) -> bool:

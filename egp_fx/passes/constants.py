@@ -295,6 +295,7 @@ def _merge_adds(gm, node, inner, x, c_outer, c_inner) -> Rewrite:
     merged = constant(gm, total, node.name + "_merged", before=node)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(arithmetic(gm, "add"), (x, merged))
+    new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     gm.graph.erase_node(inner)

@@ -47,10 +47,12 @@ def _explicit(gm, act, st, a, o) -> None:
     scale = constant(gm, a.to(dtype).view(view), act.name + "_scale", before=act)
     with gm.graph.inserting_before(act):
         out = gm.graph.call_function(arithmetic(gm, "mul"), (z, scale))
+    out.meta["tensor_meta"] = act.meta.get("tensor_meta")
     if bool(o.any()):
         shift = constant(gm, o.to(dtype).view(view), act.name + "_shift", before=act)
         with gm.graph.inserting_before(act):
             out = gm.graph.call_function(arithmetic(gm, "add"), (out, shift))
+        out.meta["tensor_meta"] = act.meta.get("tensor_meta")
     act.replace_all_uses_with(out)
 
 
