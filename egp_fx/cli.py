@@ -87,8 +87,14 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-approximate", action="store_true", help="apply inexact rewrites too")
     g.add_argument("--passes", help="comma-separated pass names (default: all, in order)")
     g.add_argument("--verify-samples", type=int, help="calibration samples used to verify (default 8)")
+    g.add_argument("--target", choices=("ort-cpu", "cuda", "generic"), default="ort-cpu",
+                   help="hardware the model will run on; sets the width multiple of narrowed "
+                   "layers (default ort-cpu: 16; cuda: 64; generic: 8)")
     g.add_argument("--channel-multiple", type=int,
-                   help="keep narrowed widths a multiple of this (default 16; 1 = exact count)")
+                   help="keep narrowed widths a multiple of this (overrides --target; 1 = exact)")
+    g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="how the model is captured: torch.fx, torch.export, or fx then export "
+                   "(default auto)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")
 
 

@@ -47,7 +47,8 @@ def _inputs(args, *, num_batches: int | None = DEFAULT_CALIB_BATCHES) -> _Inputs
 
 
 def _compress_options(args) -> dict:
-    opts: dict = {"progress": not args.no_progress}
+    opts: dict = {"progress": not args.no_progress, "target": args.target,
+                  "capture": args.capture}
     if args.tolerance is not None:
         opts["tolerance"] = args.tolerance
     if args.allow_approximate:

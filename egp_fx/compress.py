@@ -26,10 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import calibrate
-from .copying import own_tensors, structural_copy
+from .copying import own_tensors, structural_copy, tensor_bytes
 from .data import Batch, iter_batches
 from .errors import CompressError
 from .measures import measure
+from .latency import WidthTable, timer_for
 from .memory import check_fits
 from .passes import PASSES, default_pipeline, run_pass
 from .passes.base import PassContext, PassOptions, Refusal, Status
@@ -76,18 +77,19 @@ class _Keeper:
     references need no second forward of the original. Past the budget they are dropped and
     recomputed (language-model logits can be large)."""
 
-    BUDGET = 256 * 2 ** 20
+    BUDGET = 256 * 2 ** 20        # and at most a tenth of the weights
 
-    def __init__(self):
+    def __init__(self, model: nn.Module):
         self.outputs: list[list[torch.Tensor]] | None = []
         self.bytes = 0
+        self.budget = min(self.BUDGET, tensor_bytes(model) // 10)
 
     def __call__(self, batch, out) -> None:
         if self.outputs is None:
             return
         leaves = [t.detach() for t in tensor_leaves(out)]
         self.bytes += sum(t.numel() * t.element_size() for t in leaves)
-        self.outputs = self.outputs + [leaves] if self.bytes <= self.BUDGET else None
+        self.outputs = self.outputs + [leaves] if self.bytes <= self.budget else None
 
     def refs(self, gm, batches: list[Batch]) -> list[list[torch.Tensor]]:
         if self.outputs is not None and len(self.outputs) == len(batches):
@@ -212,8 +214,8 @@ def _check_options(passes, cost, latency_fn, target) -> tuple[str, ...]:
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise CompressError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
-    if cost not in ("flops", "latency") or (cost == "latency" and latency_fn is None):
-        raise CompressError("cost must be 'flops', or 'latency' together with latency_fn")
+    if cost not in ("flops", "latency"):
+        raise CompressError(f"cost must be 'flops' or 'latency', got {cost!r}")
     if target not in TARGETS:
         raise CompressError(f"unknown target {target!r}; choose from {sorted(TARGETS)}")
     return passes
@@ -234,7 +236,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     tolerance         relative output error allowed for exact rewrites (default 1e-5)
     allow_approximate apply rewrites that are not exact (kxk o kxk conv merges), checked against
                       approx_tolerance
-    cost              "flops" (default) or "latency" (with latency_fn(module, x) -> seconds)
+    cost              "flops" (default) or "latency": measured on the target (egp_fx.latency),
+                      or by latency_fn(module, x) -> seconds when given
     target            the hardware the model will run on: "ort-cpu", "cuda" or "generic"; sets
                       the width multiple of narrowed layers (egp_fx.targets)
     channel_multiple  overrides the target's width multiple (1 removes every dead channel)
@@ -254,7 +257,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
         check_fits(model, device, share_weights)
     batches = [b.to("cpu") for b in iter_batches(calib_loader, max_batches=max_batches,
                                                   input_key=input_key)]
-    keeper = _Keeper()
+    keeper = _Keeper(model)
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
         distributed=distributed, on_output=keeper)
@@ -275,15 +278,18 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
                             target=target, capture=original.meta.get("egp_capture"))
     gm = structural_copy(original)
     unshare(gm)
+    timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None
     options = PassOptions(**target_options(target, channel_multiple),
-                          allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn)
+                          allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
+                          timings=timings)
     gm = _Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
-    if not share_weights:
-        own_tensors(gm, model)
     report.after = measure(gm, example)
     report.max_error = output_error(gm, batches, refs)
     if holdout:
         report.holdout_error = output_error(gm, holdout, holdout_refs)
+    del refs, verifier        # the result gets its own copy of the weights last: the peak is
+    if not share_weights:     # that copy, not that copy plus a forward's activations
+        own_tensors(gm, model)
     report.seconds = time.perf_counter() - t0
     gm.meta[REPORT_META_KEY] = report
     gm.meta[ORIGINAL_META_KEY] = Transient(original)

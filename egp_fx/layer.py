@@ -169,14 +169,16 @@ class Layer:
 
     @property
     def stride(self) -> tuple[int, ...]:
-        return _tuple(self._geometry("stride", 3, 1), self.dims)
+        return () if self.is_linear else _tuple(self._geometry("stride", 3, 1), self.dims)
 
     @property
     def dilation(self) -> tuple[int, ...]:
-        return _tuple(self._geometry("dilation", 5, 1), self.dims)
+        return () if self.is_linear else _tuple(self._geometry("dilation", 5, 1), self.dims)
 
     @property
     def padding(self) -> tuple[int, ...] | str:
+        if self.is_linear:
+            return ()
         p = self._geometry("padding", 4, 0)
         return p if isinstance(p, str) else _tuple(p, self.dims)
 
@@ -217,6 +219,22 @@ class Layer:
             if index.reads[t.target] > 1:
                 return f"{t.target} is read elsewhere"
         return None
+
+    def shaped_like(self, out_channels: int | None = None, in_channels: int | None = None
+                    ) -> nn.Module:
+        """A standalone layer of this geometry with other widths and zero weights (for timing)."""
+        out_c = out_channels or self.out_channels
+        in_c = in_channels or self.in_channels
+        w = torch.zeros((out_c, in_c // self.groups, *self.kernel_size), dtype=self.weight.dtype,
+                        device=self.weight.device)
+        if self.is_linear:
+            new = nn.Linear(in_c, out_c, device="meta")
+        else:
+            new = _meta_conv(self.dims, w, True, stride=self.stride, padding=self.padding,
+                             dilation=self.dilation, groups=self.groups)
+        new.weight = nn.Parameter(w, requires_grad=False)
+        new.bias = nn.Parameter(w.new_zeros(out_c), requires_grad=False)
+        return new.eval()
 
     def as_module(self) -> nn.Module:
         """A standalone nn.Module computing this layer (sharing its tensors), for timing."""

@@ -111,6 +111,11 @@ class PassOptions:
     allow_approximate: bool = False
     cost: str = "flops"                 # "flops" or "latency"
     latency_fn: Callable | None = None  # (nn.Module, input) -> seconds, for cost="latency"
+    timings: object = None              # latency.WidthTable: cached timings, cost="latency"
+
+    @property
+    def by_latency(self) -> bool:
+        return self.cost == "latency" and self.timings is not None
 
 
 @dataclass

@@ -37,6 +37,7 @@ from ..stats import EGP_META_KEY, ActivationStats, select_channels
 from . import register
 from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
 from .fold_common import single_tensor_input
+from ..latency import candidate_widths
 from .util import layer_flops
 
 NAME = "dead_channels"
@@ -193,30 +194,62 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | Non
 def _aligned(remove: dict[int, float], n: int, multiple: int) -> dict[int, float]:
     """Keep enough removable channels that the width stays a multiple of `multiple`.
 
-    Zero channels are dropped first, constant ones (whose removal changes a bias) last.
     multiple <= 1, or a width that is not a multiple to begin with, disables the rounding.
     """
     if multiple <= 1 or n % multiple:
         return remove
-    target = -(-(n - len(remove)) // multiple) * multiple          # round the kept width up
-    drop = sorted(remove, key=lambda c: (remove[c] != 0.0, c))[:n - target]
+    return _keep_width(remove, n, -(-(n - len(remove)) // multiple) * multiple)
+
+
+def _keep_width(remove: dict[int, float], n: int, width: int) -> dict[int, float]:
+    """The channels to drop so that `width` remain: zero channels first, constant ones last."""
+    drop = sorted(remove, key=lambda c: (remove[c] != 0.0, c))[:max(n - width, 0)]
     return {c: remove[c] for c in sorted(drop)}
+
+
+def _timed_width(ctx, prod: Layer, walk: _Walk, n: int, m0: int) -> tuple[int, dict] | None:
+    """The fastest width on the target among the candidates (latency.candidate_widths), with
+    the timings; None when the layers around the activation are not simple enough to time."""
+    reads = walk.reads
+    if walk.gates or walk.reshapes or len(reads) != 1 or not reads[0].direct \
+            or reads[0].layer.groups != 1 or prod.groups != 1:
+        return None
+    reader, table = reads[0].layer, ctx.options.timings
+    tm = prod.input.meta.get("tensor_meta")
+    if tm is None:
+        return None
+    shape = tuple(tm.shape)
+
+    def build(width: int):
+        module = torch.nn.Sequential(prod.shaped_like(out_channels=width),
+                                     reader.shaped_like(in_channels=width))
+        return module, torch.randn(shape, dtype=tm.dtype, device=prod.weight.device)
+
+    times = {w: table.seconds(("narrowed", prod.kind, shape, prod.kernel_size, prod.stride,
+                               str(prod.padding), reader.out_channels, reader.kernel_size,
+                               str(reader.padding), w), lambda w=w: build(w))
+             for w in candidate_widths(n, m0)}
+    return min(times, key=lambda w: (times[w], w)), times
 
 
 def _narrow_reader(read: _Read, remove: dict[int, float]) -> int:
     """Drop input channels of a reader; absorb constants into its bias. Returns params saved."""
     layer = read.layer
-    w = layer.weight.detach().double()
-    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
+    w = layer.weight.detach()
+    b = layer.bias.detach().double() if layer.bias is not None else None
     drop: dict[int, float] = {i: k for c, k in remove.items()
                               for i in range(read.offset + c * read.span,
                                              read.offset + (c + 1) * read.span)}
-    for i, k in drop.items():
-        if k != 0.0:
-            b = b + k * w[:, i].reshape(w.shape[0], -1).sum(1)
-    keep = [i for i in range(w.shape[1]) if i not in drop]
+    constants = {i: k for i, k in drop.items() if k != 0.0}
+    if constants:   # b += sum over taps of W[:, i] k_i, in float64 on the columns concerned
+        cols = torch.tensor(sorted(constants), device=w.device)
+        k = torch.tensor([constants[i] for i in sorted(constants)], dtype=torch.float64,
+                         device=w.device)
+        taps = w.index_select(1, cols).double().reshape(w.shape[0], len(cols), -1).sum(2)
+        b = (b if b is not None else taps.new_zeros(w.shape[0])) + taps @ k
+    keep = torch.tensor([i for i in range(w.shape[1]) if i not in drop], device=w.device)
     before = w.numel()
-    layer.replace(w[:, keep], b if layer.bias is not None or any(drop.values()) else None)
+    layer.replace(w.index_select(1, keep), b)
     return before - layer.weight.numel()
 
 
@@ -254,6 +287,10 @@ def _apply_act(act: fx.Node, values: torch.Tensor) -> torch.Tensor:
     return out.double().flatten()
 
 
+def _times(times: dict[int, float]) -> str:
+    return ", ".join(f"{w}: {t * 1e3:.3g} ms" for w, t in sorted(times.items()))
+
+
 def _update_shapes(walk: _Walk, prod: Layer, act: fx.Node, removed: int) -> None:
     for node, axis, span in [(prod.node, prod.out_axis, 1), (act, prod.out_axis, 1), *walk.passed]:
         shape = shape_of(node)
@@ -273,10 +310,11 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: _Walk) -> Rewrite:
     flops += sum(layer_flops(r.layer, shape_of(r.layer.node)) for r in walk.reads)
     flops += sum(layer_flops(g, shape_of(g.node)) * (n - m) // n for g in walk.gates)
     saved = 0
+    index = torch.tensor(keep, device=prod.weight.device)
     for layer in (prod, *walk.gates):
         w, b = layer.weight.detach(), layer.bias
-        saved += w.numel() - w[keep].numel() + (n - m) * (b is not None)
-        layer.replace(w[keep], b.detach()[keep] if b is not None else None)
+        saved += w.numel() - len(keep) * w[0].numel() + (n - m) * (b is not None)
+        layer.replace(w.index_select(0, index), b.detach()[index] if b is not None else None)
     for r in walk.reads:
         saved += _narrow_depthwise(gm, ctx, r, remove) if _depthwise(r.layer) \
             else _narrow_reader(r, remove)
@@ -311,7 +349,20 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
             continue
         if walk.through_product or any(_depthwise(r.layer) for r in walk.reads):
             remove = {c: k for c, k in remove.items() if k == 0.0}
-        aligned = _aligned(remove, st.num_channels, multiple)
+        timed = _timed_width(ctx, prod, walk, st.num_channels, st.num_channels - len(remove)) \
+            if ctx.options.by_latency else None
+        if timed is not None:
+            width, times = timed
+            aligned = _keep_width(remove, st.num_channels, width)
+            if not aligned:
+                yield Refusal(NAME, act.name, [act.name],
+                              f"dead channels kept: every narrower width measures slower on the "
+                              f"target ({_times(times)})", activation=act.name, path=path)
+                continue
+            why = f"the fastest width measured ({_times(times)})"
+        else:
+            aligned = _aligned(remove, st.num_channels, multiple)
+            why = f"a multiple of {multiple}"
         if not aligned:
             yield Refusal(NAME, act.name, [act.name],
                           f"dead channels kept: removing {len(remove)} would not shrink the width "
@@ -320,6 +371,5 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
         if len(aligned) < len(remove):
             yield Refusal(NAME, act.name, [act.name],
                           f"{len(remove) - len(aligned)} of {len(remove)} removable channel(s) "
-                          f"kept so that the width stays a multiple of {multiple}",
-                          activation=act.name, path=path)
+                          f"kept so that the width is {why}", activation=act.name, path=path)
         yield Candidate(act.name, functools.partial(_apply, gm, ctx, act, st, aligned, prod, walk))
