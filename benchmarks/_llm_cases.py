@@ -11,7 +11,10 @@ every input, not only on the calibration data.
 Oracle: the same Hugging Face model with the FFN layers replaced by hand by narrowed nn.Linear
 modules holding exactly the live units ("exact"), or the live units plus the fewest dead ones
 that round each width up to a multiple ("aligned"): what a person would build who knew which
-units are dead.
+units are dead. A randomly initialised network also has units that never fire on a given set
+of tokens; `observed_dead` finds them with forward hooks on the calibration data (independently
+of egp_fx), and the oracles remove them too, so that the oracle is the best any compressor can
+do with that data.
 """
 from __future__ import annotations
 
@@ -113,6 +116,33 @@ def bert_oracle(model, dead, multiple: int = 1):
         layer.intermediate.dense = _rows(layer.intermediate.dense, keep)
         layer.output.dense = _cols(layer.output.dense, keep)
     return oracle.eval()
+
+
+FIRST_LAYER = {"opt-125m": ("model.decoder.layers", "fc1", 0.0),
+               "llama-200m": ("model.layers", "mlp.gate_proj", -20.0),
+               "bert-base": ("encoder.layer", "intermediate.dense", -5.5)}
+
+
+@torch.no_grad()
+def observed_dead(name: str, model, batches: list[dict]) -> dict[int, list[int]]:
+    """Per layer, the units whose pre-activation stayed in the dead region (at or below the
+    threshold: ReLU 0, GELU -5.5, SiLU -20) on every token of `batches`."""
+    stack, first, threshold = FIRST_LAYER[name]
+    layers = model.get_submodule(stack)
+    top: dict[int, torch.Tensor] = {}
+    hooks = [layer.get_submodule(first).register_forward_hook(
+        lambda mod, inp, out, i=i: top.__setitem__(
+            i, torch.maximum(top[i], out.flatten(0, -2).amax(0)) if i in top
+            else out.flatten(0, -2).amax(0)))
+        for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            model(**batch) if name == "bert-base" else model(**batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.nonzero(m <= threshold).flatten().tolist() for i, m in top.items()
+            if bool((m <= threshold).any())}
 
 
 CASES = {"opt-125m": (opt, opt_oracle), "llama-200m": (llama, llama_oracle),

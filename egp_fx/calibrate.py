@@ -24,7 +24,7 @@ from .copying import device_of, moved
 from .data import Batch, iter_batches, loader_length
 from .errors import CalibrationError
 from .ops import Ops, main_input
-from .regions import GELU_MARGINS, SILU_MARGINS, region_spec
+from .activations import GELU_MARGINS, SILU_MARGINS, region_spec
 from .shapes import failing_node, propagate
 from .stats import EGP_META_KEY, StatsAccumulator
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import calibrate
-from .copying import own_tensors, structural_copy, tensor_bytes
+from .copying import device_of, own_tensors, structural_copy, tensor_bytes
 from .data import Batch, iter_batches
 from .errors import CompressError
 from .measures import measure
@@ -261,7 +261,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
         distributed=distributed, on_output=keeper)
-    dev = next((p.device for p in original.parameters()), torch.device("cpu"))
+    dev = device_of(original)
     batches = [b.to(dev) for b in batches]
     holdout = [b.to(dev) for b in iter_batches(holdout_loader, input_key=input_key)] \
         if holdout_loader is not None else []

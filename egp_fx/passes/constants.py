@@ -43,7 +43,8 @@ from torch.func import functional_call
 
 from ..layer import attr, layer_of, module_path, norm_of, set_attr
 from ..ops import ARITHMETIC, Role, main_input
-from ..regions import NONNEGATIVE_KINDS, region_spec
+from .. import activations
+from ..activations import region_spec
 from ..shapes import dtype_of, shape_of
 from ..stats import EGP_META_KEY, ActivationStats
 from . import register
@@ -257,7 +258,7 @@ def _nonnegative(gm, node, memo, ctx) -> bool:
     memo[node] = False
     op = ctx.ops(node)
     if op.role is Role.ACTIVATION:
-        ok = op.kind in NONNEGATIVE_KINDS
+        ok = op.kind in activations.NONNEGATIVE_KINDS
     elif node.op == "get_attr":
         ok = bool((attr(gm, node.target) >= 0).all())
     elif op.role in (Role.ADD, Role.CAT):
