@@ -39,7 +39,7 @@ from torch import nn
 from ..copying import moved, structural_copy
 from ..data import Batch, as_batch
 from ..errors import ExportError
-from ..layer import CAPTURE_META_KEY
+from ..attrs import CAPTURE_META_KEY
 from ..verify import tensor_leaves
 from .diagnose import failure_message, summarise
 from .opset import default_opset

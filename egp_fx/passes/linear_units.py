@@ -16,7 +16,8 @@ import functools
 import torch
 import torch.fx as fx
 
-from ..layer import layer_of, module_path
+from ..attrs import module_path
+from ..layer import layer_of
 from ..ops import main_input
 from ..shapes import dtype_of, shape_of
 from ..stats import EGP_META_KEY, ActivationStats
