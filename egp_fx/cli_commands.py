@@ -175,12 +175,13 @@ def run_bench(args) -> tuple[dict, str]:
     from .bench import benchmark
     sizes = _int_list(args.batch_sizes, "--batch-sizes")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
     inputs = _inputs(args)
     gm = _compressed(args, inputs)
     try:
         bench = benchmark({"original": inputs.model, "compressed": gm}, inputs.data.example[:1],
                           batch_sizes=sizes, backends=backends, repeats=args.repeats,
-                          warmup=args.warmup, threads=args.threads)
+                          warmup=args.warmup, threads=args.threads, torch_variants=variants)
     except ValueError as err:          # rejected settings
         raise CLIError(f"bench: {err}", EXIT_USAGE) from err
     except Exception as err:  # export or runtime failure inside the benchmark
