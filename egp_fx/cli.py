@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = _command(sub, "compress", "calibrate and compress a model; print what changed")
-    p.add_argument("--out", help="folder for report.json, report.html and model.onnx")
+    p.add_argument("--out", help="folder for report.json, report.html, model.onnx and model.pt2 "
+                   "(a torch.export program: egp_fx.load)")
     p.add_argument("--no-onnx", action="store_true", help="with --out: skip the ONNX file")
     p = _command(sub, "inspect", "compress, then show per-layer decisions and the graph diff")
     p.add_argument("--html", help="write the self-contained HTML report here")

@@ -116,6 +116,12 @@ def run_compress(args) -> tuple[dict, str]:
             except Exception as err:  # the report is written; say that the export failed
                 result.update(exit_code=EXIT_EXPORT, error=f"ONNX export failed: {err}")
                 print(f"egp-fx: error: ONNX export failed: {err}", file=sys.stderr)
+        try:   # the torch.export program, report inside (egp_fx.load reads it)
+            from .saving import save
+            result["files"]["model.pt2"] = str(save(gm, out / "model.pt2").path)
+        except Exception as err:
+            result.update(exit_code=EXIT_EXPORT, error=f"saving model.pt2 failed: {err}")
+            print(f"egp-fx: error: saving model.pt2 failed: {err}", file=sys.stderr)
     counts = ", ".join(f"{k} {v}" for k, v in result["decisions"].items()) or "none"
     lines = [report.summary(), f"activation decisions: {counts}"]
     lines += [f"wrote {p}" for p in result["files"].values()]
