@@ -178,7 +178,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.slow
-def test_gpu_script_dry_run_on_cpu(tmp_path):
+def test_gpu_script_quick_run_on_cpu(tmp_path):
     """benchmarks/gpu_bench.py end to end, tiny sizes: the GPU run is one shot, keep it sound."""
     import subprocess
     import sys
@@ -186,14 +186,23 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "benchmarks/gpu_bench.py", str(tmp_path), "--device", "cpu",
-                    "--dry-run"], check=True, cwd=root, capture_output=True)
+                    "--quick"], check=True, cwd=root, capture_output=True)
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert data["failed"] == []
+    assert data["failed"] == [] and data["not_run"] == []
     assert [run["case"] for run in data["runs"]] == ["resnet18-k2", "vit-linear"]
     for run in data["runs"]:
-        assert {r["variant"] for r in run["rows"]} == {"fp32"}
+        assert {r["variant"] for r in run["rows"]} == {"fp32", "fp32+compile"}
         assert {r["batch_size"] for r in run["rows"]} == {1, 2}
-    assert "| compressed | torch-cpu | fp32 | 2 |" in (tmp_path / "gpu_bench.md").read_text()
+        assert {r["baseline"] for r in run["rows"]} <= {
+            "original: BatchNorm folded (torch.fx fuse)",
+            "original: BatchNorm folded (torch.fx fuse); torch.compile(mode=None, dynamic=False)",
+            "original: as given (no BatchNorm)",
+            "original: as given (no BatchNorm); torch.compile(mode=None, dynamic=False)"}
+    assert {r["model"] for r in data["runs"][0]["rows"]} == {"original", "compressed", "oracle"}
+    text = (tmp_path / "gpu_bench.md").read_text()
+    assert "| compressed | torch-cpu | fp32 | 2 |" in text
+    assert "| resnet18-k2 | fp32+compile | 2 |" in text
+    assert "Baseline of every speedup: the original with its BatchNorm folded" in text
 
 
 CALLS: list[str] = []
