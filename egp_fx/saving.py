@@ -157,6 +157,9 @@ def save(module: nn.Module, path: str | Path, example: Any = None, *, dynamic_ba
     model = moved(structural_copy(module), "cpu").eval()
     program = _export(model, batch, dynamic_batch, dynamic_sequence)
     dynamic = _dynamic_axes(program, batch)
+    if (dynamic_batch or dynamic_sequence) and not dynamic:
+        log.warning("saving %s with static shapes: torch.export could not keep an axis dynamic",
+                    path)
     checks = [batch] + ([batch.map(lambda t: torch.cat([t, t]) if t.dim() else t)]
                         if any(0 in axes for axes in dynamic.values()) else [])
     err = _check(program, model, checks)

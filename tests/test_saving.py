@@ -187,3 +187,42 @@ def test_hugging_face_model_survives_torch_save(opt_small):
     assert type(got) is type(want)              # the model's ModelOutput, not a plain dict
     assert torch.equal(got.logits, want.logits)
     assert egp_fx.report_of(back).to_dict() == egp_fx.report_of(gm).to_dict()
+
+
+def clamp_by_sign(x: torch.Tensor) -> torch.Tensor:
+    """Python control flow on a tensor value: fx can only keep it whole (a wrapped function)."""
+    return x if float(x.mean()) >= 0 else x.clamp(min=0)
+
+
+class CallsWrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(clamp_by_sign(self.a(x))))
+
+
+@pytest.fixture
+def wrapped_function():
+    from egp_fx.capture.fx_trace import WRAPPED_FUNCTIONS
+
+    egp_fx.register_wrapped_function(clamp_by_sign, "branches on a tensor value")
+    yield clamp_by_sign
+    del WRAPPED_FUNCTIONS[clamp_by_sign]
+
+
+def test_torch_save_keeps_wrapped_functions_whole(wrapped_function):
+    calib = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    gm = egp_fx.compress(CallsWrapped(), calib, progress=False)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(clamp_by_sign) == 1
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=False)
+    assert [n.target for n in back.graph.nodes if n.op == "call_function"].count(
+        clamp_by_sign) == 1
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(back(x), gm(x)) and torch.equal(back(-x), gm(-x))
