@@ -2,23 +2,20 @@
 
 torch.load rebuilds a GraphModule from its generated Python code: GraphModule.__reduce__ keeps
 the code and the module's attributes, and loading traces the code again with the tracer class
-recorded in the graph. Three things break that for what compress returns:
+recorded in the graph (functions the capture kept whole stay whole: the generated code declares
+them with torch.fx.wrap). Two things break that for what compress returns:
 - graphs captured with torch.export record torch's _ModuleStackTracer, which cannot be built
   without arguments (TypeError: __init__() missing 1 required positional argument:
   'scope_root');
 - a plain re-trace loses their calling convention: such a module takes keyword inputs and
   returns the model's own output class (a Hugging Face ModelOutput) through a pytree code
-  generator, and would come back returning a plain dict;
-- a plain re-trace also traces into the functions that the capture kept whole (the wrapped
-  function registry, timm's untraceable functions), which it may not be able to follow.
-`make_picklable(gm)` records RetraceTracer instead, which keeps every non-torch function of the
-code whole and restores the pytree calling convention. GraphModule.meta is not pickled by torch;
+  generator, and would come back returning a plain dict.
+`make_picklable(gm)` records RetraceTracer instead, which restores the pytree calling
+convention after the re-trace. GraphModule.meta is not pickled by torch;
 the entries under egp_fx's keys are kept as the attribute PICKLED_META (report.report_of reads
 it), except what report.Transient holds (the original model), which pickles to nothing.
 """
 from __future__ import annotations
-
-import types
 
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -33,9 +30,6 @@ class RetraceTracer(fx.Tracer):
     Constructible without arguments, as GraphModule unpickling requires."""
 
     def trace(self, root, concrete_args=None):
-        forward = type(root).forward
-        self._autowrap_function_ids.update(
-            id(v) for v in forward.__globals__.values() if isinstance(v, types.FunctionType))
         graph = super().trace(root, concrete_args)
         _restore_pytree(graph, vars(root))
         return graph
