@@ -32,7 +32,6 @@ TORCH_VARIANTS = ("fp32", "fp32+cudagraph", "fp32+compile", "fp16", "fp16+cudagr
 DEFAULT_TORCH_VARIANTS = ("fp32", "fp32+cudagraph", "fp16", "fp16+cudagraph")
 
 
-
 @dataclass
 class _Ready:
     module: nn.Module
