@@ -146,7 +146,7 @@ MUTANTS = (
            ("tests/test_passes.py",)),
     Mutant("parity-unchecked", "the ONNX parity check accepts any difference",
            "egp_fx/export/parity.py",
-           "            if not (rel <= tolerance) or not math.isfinite(rel):",
+           "            if not (rel <= bound) or not math.isfinite(rel):",
            "            if False:",
            ("tests/test_export.py",)),
     Mutant("shared-tensor-changed", "a rewrite changes a tensor the original graph still holds",
