@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = _command(sub, "compress", "calibrate and compress a model; print what changed")
-    p.add_argument("--out", help="folder for report.json, report.html and model.onnx")
+    p.add_argument("--out", help="folder for report.json, report.html, model.onnx and model.pt2 "
+                   "(a torch.export program: egp_fx.load)")
     p.add_argument("--no-onnx", action="store_true", help="with --out: skip the ONNX file")
     p = _command(sub, "inspect", "compress, then show per-layer decisions and the graph diff")
     p.add_argument("--html", help="write the self-contained HTML report here")
@@ -142,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the newest all tools support)")
     p = _command(sub, "bench", "compress, then time original and compressed side by side")
     p.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
-    p.add_argument("--backends", default="ort-cpu", help="comma-separated: ort-cpu, ort-cuda, "
-                   "torch-cpu, torch-cuda (default ort-cpu)")
+    from .bench import BACKENDS, DEFAULT_TORCH_VARIANTS, TORCH_VARIANTS
+    p.add_argument("--backends", default="ort-cpu",
+                   help=f"comma-separated: {', '.join(BACKENDS)} (default ort-cpu)")
+    p.add_argument("--torch-variants", default=",".join(DEFAULT_TORCH_VARIANTS),
+                   help=f"comma-separated, for the torch backends: {', '.join(TORCH_VARIANTS)} "
+                   "(default %(default)s; every model runs with its BatchNorm folded)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int)

@@ -11,7 +11,8 @@ tensors a rewrite creates are new, and at the end the result gets its own copy o
 shares with the model (unless share_weights=True). A model that would not fit fails before it
 starts (memory.py).
 The result is a torch.fx.GraphModule called like the model, whose meta holds the report
-("egp_report") and, not pickled with it, the calibrated original ("egp_original").
+("egp_report") and, not pickled with it, the calibrated original ("egp_original"); it survives
+torch.save / torch.load with its report (pickling.py).
 Error measure and verification: egp_fx.verify.
 """
 from __future__ import annotations
@@ -29,12 +30,14 @@ from .calibrate import calibrate
 from .copying import device_of, own_tensors, structural_copy, tensor_bytes
 from .data import Batch, iter_batches
 from .errors import CompressError
+from .layer import CAPTURE_META_KEY
 from .measures import measure
 from .latency import WidthTable, timer_for
 from .memory import check_fits
 from .passes import PASSES, default_pipeline, run_pass
 from .passes.base import PassContext, PassOptions, Refusal, Status
 from .passes.cleanup import unshare
+from .pickling import make_picklable
 from .report import EXAMPLE_META_KEY, ORIGINAL_META_KEY, REPORT_META_KEY, CompressReport, \
     PassSummary, Transient
 from .targets import TARGETS, target_options
@@ -294,5 +297,6 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     gm.meta[REPORT_META_KEY] = report
     gm.meta[ORIGINAL_META_KEY] = Transient(original)
     gm.meta[EXAMPLE_META_KEY] = example
+    make_picklable(gm, (REPORT_META_KEY, EXAMPLE_META_KEY, CAPTURE_META_KEY))
     log.info("compress: %s", report.summary().replace("\n", "; "))
     return gm

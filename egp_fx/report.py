@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch.fx as fx
 
 from .measures import Totals
+from .pickling import pickled_meta
 from .passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
 
 REPORT_META_KEY = "egp_report"
@@ -149,8 +150,9 @@ def _json_safe(value):
 
 
 def report_of(gm: fx.GraphModule) -> CompressReport:
-    """The CompressReport of a module returned by compress()."""
-    try:
-        return gm.meta[REPORT_META_KEY]
-    except (AttributeError, KeyError):
-        raise KeyError("this module carries no egp_fx report: it was not returned by compress()") from None
+    """The CompressReport of a module returned by compress() (also after torch.save/torch.load,
+    see egp_fx.pickling)."""
+    report = getattr(gm, "meta", {}).get(REPORT_META_KEY) or pickled_meta(gm).get(REPORT_META_KEY)
+    if report is None:
+        raise KeyError("this module carries no egp_fx report: it was not returned by compress()")
+    return report
