@@ -84,9 +84,10 @@ def calibration(batches: int, batch_size: int, img_size: int = 224,
     return [torch.randn(batch_size, 3, img_size, img_size, generator=gen) for _ in range(batches)]
 
 
-def compressor(stand_in: bool) -> Callable[..., nn.Module]:
-    """compress(model, calib, without=()) -> module: egp_fx.compress with its default passes
-    minus `without`; or, with stand_in=True (for developing the scripts), a plain trace."""
+def compressor(stand_in: bool, target: str = "ort-cpu") -> Callable[..., nn.Module]:
+    """compress(model, calib, without=()) -> module: egp_fx.compress for `target` with its
+    default passes minus `without`; or, with stand_in=True (for developing the scripts), a plain
+    trace."""
     if stand_in:
         from egp_fx.tracing import trace
 
@@ -96,6 +97,6 @@ def compressor(stand_in: bool) -> Callable[..., nn.Module]:
 
     def run(model: nn.Module, calib: list[torch.Tensor], without=()) -> nn.Module:
         passes = tuple(p for p in default_pipeline() if p not in without)
-        return compress(model, calib, passes=passes, progress=False)
+        return compress(model, calib, passes=passes, target=target, progress=False)
 
     return run

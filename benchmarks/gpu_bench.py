@@ -59,7 +59,7 @@ def build(spec: dict, args) -> dict[str, torch.nn.Module]:
         extra = {}
     calib = _cases.calibration(args.calib_batches, args.calib_batch_size, args.img_size,
                                seed=args.seed + 1)
-    compressed = _cases.compressor(args.stand_in)(planted, calib)
+    compressed = _cases.compressor(args.stand_in, args.target)(planted, calib)
     return {"original": planted, "compressed": compressed, **extra}
 
 
@@ -146,9 +146,13 @@ def parse(argv=None) -> argparse.Namespace:
                         "cuda; fp32, fp32+compile on cpu)")
     add_run_args(parser, batch_sizes=(1, 32), repeats=100, warmup=20, calib_batches=4,
                  threads=False, quick=False)
+    parser.add_argument("--target", default=None,
+                        help="compress target (default: cuda on --device cuda, ort-cpu on cpu)")
     parser.add_argument("--time-budget", type=float, default=480.0,
                         help="seconds after which no further case starts (default 480)")
     args = parser.parse_args(argv)
+    if args.target is None:
+        args.target = "cuda" if args.device == "cuda" else "ort-cpu"
     if args.variants is None:
         args.variants = (["fp16", "fp16+cudagraph", "fp16+compile"] if args.device == "cuda"
                          else ["fp32", "fp32+compile"])
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
     meta["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta["settings"]["time_budget_s"] = args.time_budget
     head += ("\nTimes: medians of interleaved (round-robin) calls, ms per call, each call ending "
-             "in torch.cuda.synchronize(); compress ran on the CPU.\n")
+             f"in torch.cuda.synchronize(); compress ran on the CPU with target={args.target!r}.\n")
     done, failed, left_out = [], [], []
     for name, spec in plan(args):
         if time.perf_counter() - start > args.time_budget:

@@ -80,6 +80,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-models", nargs="+",
+                    default=["original", "compressed-cuda", "compressed-cpu16", "oracle-64"],
+                    help="models also timed under torch.compile (each compile costs tens of s)")
+    ap.add_argument("--time-budget", type=float, default=1e9,
+                    help="seconds of timing after which no further cell starts")
     ap.add_argument("--quick", action="store_true", help="batch 1, seq 16, 3 repeats")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args()
@@ -116,41 +121,68 @@ def main() -> None:
     for name in list(models):
         models[name] = models[name].to(device=dev, dtype=dtype).eval()
     rows = []
+    start = time.perf_counter()
+    skipped = []
     for compiled in ([False] if args.no_compile else [False, True]):
+        timed_models = {n: m for n, m in models.items()
+                        if not compiled or n in args.compile_models}
         for bs in args.batch_sizes:
+            variant = "torch.compile" if compiled else "eager"
+            if time.perf_counter() - start > args.time_budget:
+                skipped.append(f"{variant} batch {bs}")
+                log.warning("%s batch %d not run: time budget of %.0f s reached",
+                            variant, bs, args.time_budget)
+                continue
             batch = cases.tokens(50272, 1, bs, args.seq, seed=7)[0]
-            med = _cell(models, batch, dev, compiled, args.repeats, args.warmup)
+            if compiled:    # each cell compiles afresh for its static shape (no recompile limit)
+                torch._dynamo.reset()
+            med = _cell(timed_models, batch, dev, compiled, args.repeats, args.warmup)
             for name, ms in med.items():
-                rows.append({"variant": "torch.compile" if compiled else "eager", "batch": bs,
-                             "model": name, "median_ms": ms,
+                rows.append({"variant": variant, "batch": bs, "model": name, "median_ms": ms,
                              "speedup_vs_original": med["original"] / ms})
-                log.info("%s batch %d %s: %.3f ms", rows[-1]["variant"], bs, name, ms)
+                log.info("%s batch %d %s: %.3f ms", variant, bs, name, ms)
+            _write(args, models, rows, widths, mem, compress_s, skipped)
+    _write(args, models, rows, widths, mem, compress_s, skipped, show=True)
+
+
+def _write(args, models, rows, widths, mem, compress_s, skipped, show=False) -> None:
+    """The table so far (written after every cell, so a run cut short keeps what it measured)."""
     title, meta = header("OPT-125m architecture on the GPU: original, compressed, oracles (fp16)")
     lines = [title, f"Dead FFN units planted after the published profile (random init); "
              f"calibration 2 x 4 sequences of {args.seq} tokens; compress {compress_s:.1f} s "
-             f"for the three compressed variants.", "",
-             "| variant | batch | " + " | ".join(models) + " |",
-             "| --- | ---: | " + "---: | " * len(models)]
+             f"for the compressed variants. Medians of {args.repeats} interleaved calls.", "",
+             "| variant | batch | " + " | ".join(models) + " | compressed-cuda / oracle-64 |",
+             "| --- | ---: | " + "---: | " * (len(models) + 1)]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         for bs in args.batch_sizes:
             cell = {r["model"]: r for r in rows if r["variant"] == variant and r["batch"] == bs}
+            if not cell:
+                continue
+            ratio = (f"{cell['compressed-cuda']['median_ms'] / cell['oracle-64']['median_ms']:.3f}"
+                     if {"compressed-cuda", "oracle-64"} <= cell.keys() else "-")
             lines.append(f"| {variant} | {bs} | " + " | ".join(
                 f"{cell[m]['median_ms']:.3f} ms ({cell[m]['speedup_vs_original']:.3f}x)"
-                if m in cell else "-" for m in models) + " |")
+                if m in cell else "-" for m in models) + f" | {ratio} |")
     lines += ["", "Speed-up in brackets: against the original (the Hugging Face model, same "
-              "variant and batch).", "", "Widths chosen:", ""]
+              "variant and batch). '-': not timed under that variant (--compile-models).", ""]
+    if skipped:
+        lines += [f"Not run (time budget of {args.time_budget:.0f} s reached): "
+                  + ", ".join(skipped) + ".", ""]
+    lines += ["Widths chosen:", ""]
     lines += [f"- {name}: {', '.join(w)}" for name, w in widths.items()]
     if mem:
-        lines += ["", f"compress(device='{dev}', target='cuda', cost='latency'): peak extra CUDA "
-                  f"memory {mem['peak_extra_bytes'] / 2**20:.0f} MB for "
+        lines += ["", f"compress(device='{args.device}', target='cuda', cost='latency'): peak "
+                  f"extra CUDA memory {mem['peak_extra_bytes'] / 2**20:.0f} MB for "
                   f"{mem['weights_bytes'] / 2**20:.0f} MB of weights "
                   f"({mem['peak_extra_bytes'] / mem['weights_bytes']:.2f}x)."]
     text = "\n".join(lines) + "\n"
-    print(text)
+    if show:
+        print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows, "widths": widths,
-                                                        "memory": mem}, indent=1) + "\n")
+        Path(f"{args.out}.json").write_text(json.dumps(
+            {**meta, "rows": rows, "widths": widths, "memory": mem, "not_run": skipped},
+            indent=1) + "\n")
         Path(f"{args.out}.md").write_text(text)
 
 

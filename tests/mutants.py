@@ -154,6 +154,16 @@ MUTANTS = (
            "        set_attr(self.gm, self.weight_node.target, weight)",
            "        set_attr(self.gm, self.weight_node.target, attr(self.gm, self.weight_node.target).set_(weight))",
            ("tests/test_compress.py", "tests/test_transformers.py")),
+    Mutant("capture-device-pinned", "masks and positions stay on the capture's device after .to()",
+           "egp_fx/capture/canonical.py",
+           "    _devices_follow_module(gm)\n",
+           "",
+           ("tests/test_transformers.py",)),
+    Mutant("capture-view-kept", "a view valid only for one attention kernel's strides is kept",
+           "egp_fx/capture/canonical.py",
+           "(aten._unsafe_view.default, aten.view.default)",
+           "(aten._unsafe_view.default,)",
+           ("tests/test_transformers.py",)),
 )
 
 

@@ -4,6 +4,8 @@ called like the original, and export to ONNX with parity. Models are built from 
 network."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -150,3 +152,17 @@ def test_exports_to_onnx_with_parity(compressed, tmp_path):
     result = egp_fx.export_onnx(small, tmp_path / f"{name}.onnx", batches()[0])
     assert result.inputs == ["input_ids", "attention_mask"]
     assert result.max_rel_err <= 1e-4 and result.path.is_file()
+
+
+def test_runs_on_a_device_other_than_the_capture(compressed):
+    """torch.export writes the capture's device into the ops that make masks and positions; the
+    compressed module must follow .to() like the model did. The meta device stands in for a GPU:
+    a tensor left on the CPU, or a view only valid for the CPU kernel's strides, fails there."""
+    _, model, small, _, _ = compressed
+    assert "device(type='cpu')" not in small.code
+    assert not any("anchor" in k for k in small.state_dict())
+    batch = batches(1, size=3, length=11, seed=5)[0]
+    with torch.no_grad():
+        expected = _main(_call(model, batch)).shape
+        out = copy.deepcopy(small).to("meta")(**{k: v.to("meta") for k, v in batch.items()})
+    assert _main(out).device.type == "meta" and _main(out).shape == expected

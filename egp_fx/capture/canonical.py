@@ -8,11 +8,19 @@ Each rewrite computes exactly what it replaces:
   `matmul(x, W)`: Hugging Face's Conv1D in GPT-2) becomes `linear(x, W', b)` with W' the
   transposed *view* of W (no copy): linear computes x @ W'.T + b = x @ W + b, the same
   product with the same operands;
-- `_unsafe_view`, which functionalisation writes where a reshape had to copy, becomes
-  `reshape` (in a functional graph the two compute the same; fake-tensor shape propagation
-  refuses _unsafe_view of an expanded tensor, as Hugging Face's grouped-query attention makes);
+- `_unsafe_view`, which functionalisation writes where a reshape had to copy, and `view`, which
+  it writes where the capture's strides allowed one, become `reshape` (in a functional graph they
+  compute the same; fake-tensor shape propagation refuses _unsafe_view of an expanded tensor, as
+  Hugging Face's grouped-query attention makes; and a `view` of an attention output is only
+  valid for the strides one device's attention kernel returned, not another's);
 - runtime checks of dtype and device (`_assert_tensor_metadata`) and the input-guard module
-  go: they compute nothing.
+  go: they compute nothing;
+- tensors the model makes while it runs (attention masks, positions: `ones`, `arange`, `full`,
+  a `_to_copy` to a device) are made on the device of the module's own tensors: torch.export
+  writes the capture's device into such calls as a constant, which would leave them on the CPU
+  after `module.to("cuda")`. The device is read from a zero-size buffer (`DEVICE_ANCHOR`, not
+  in the state_dict) that `.to()` moves with the weights, as the model's code read it from its
+  inputs or weights.
 Node metadata is reduced to the module path and the source line (`nn_module_stack`,
 `stack_trace`); the symbolic shapes of the capture are re-derived on demand (shapes.py).
 
@@ -92,7 +100,7 @@ def _products(gm: fx.GraphModule) -> int:
 def _reshapes(graph: fx.Graph) -> int:
     done = 0
     for node in graph.nodes:
-        if node.target is aten._unsafe_view.default:
+        if node.target in (aten._unsafe_view.default, aten.view.default):
             node.target = aten.reshape.default
             done += 1
     return done
@@ -110,6 +118,24 @@ def _drop_checks(gm: fx.GraphModule) -> int:
     return done
 
 
+DEVICE_ANCHOR = "_egp_device_anchor"
+
+
+def _devices_follow_module(gm: fx.GraphModule) -> int:
+    fixed = [n for n in gm.graph.nodes
+             if n.op == "call_function" and isinstance(n.kwargs.get("device"), torch.device)]
+    if not fixed:
+        return 0
+    gm.register_buffer(DEVICE_ANCHOR, torch.empty(0, device=fixed[0].kwargs["device"]),
+                       persistent=False)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        device = gm.graph.call_function(getattr, (gm.graph.get_attr(DEVICE_ANCHOR), "device"))
+    for node in fixed:
+        node.update_kwarg("device", device)
+    return len(fixed)
+
+
 def canonicalise(gm: fx.GraphModule) -> list[str]:
     """Rewrite `gm` in place into the canonical form; returns notes on what changed."""
     notes = []
@@ -119,6 +145,7 @@ def canonicalise(gm: fx.GraphModule) -> list[str]:
         notes.append(f"{n} product(s) with an attribute weight as linear")
     _reshapes(gm.graph)
     _drop_checks(gm)
+    _devices_follow_module(gm)
     for node in gm.graph.nodes:
         kept = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
         node.meta.clear()
