@@ -25,9 +25,11 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as ranks
 from .calibrate import calibrate
 from .copying import own_tensors, structural_copy
 from .data import Batch, iter_batches
+from .distributed import verification as shared
 from .errors import CompressError
 from .measures import measure
 from .memory import check_fits
@@ -42,15 +44,17 @@ from .verify import ErrorMeter, Verifier, tensor_leaves
 log = logging.getLogger(__name__)
 
 
-def output_error(gm: nn.Module, batches: list, refs: list[list[torch.Tensor]]) -> float:
+def output_error(gm: nn.Module, batches: list, refs: list[list[torch.Tensor]],
+                 combine: Callable | None = None, what: str = "output error") -> float:
     """max |y - y_ref| / max |y_ref| over all outputs and batches (0 when identical); inf when an
-    output has a NaN/Inf the reference lacks, or its structure differs."""
+    output has a NaN/Inf the reference lacks, or its structure differs. `combine`: over the
+    batches of every rank (egp_fx.distributed.verification)."""
     meter = ErrorMeter()
     with torch.no_grad():
         for batch, ref in zip(batches, refs):
             batch = batch if isinstance(batch, Batch) else Batch((batch,))
             meter.add(tensor_leaves(batch(gm)), ref)
-    return meter.error
+    return (combine(meter, what) if combine is not None else meter).error
 
 
 def _first_samples(batches: list[Batch], n: int | None) -> list[Batch]:
@@ -209,25 +213,35 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     share_weights     let the result share the layers it did not rewrite with `model` (no copy;
                       then do not train either in place)
     calibrated        a GraphModule from calibrate() to reuse instead of calibrating again
-    distributed       reduce calibration statistics over torch.distributed ranks (default: when
-                      a process group is initialised)
+    distributed       work across the ranks of the default torch.distributed process group
+                      (default: when one is initialised; False keeps the call local): each rank
+                      passes its own shard (and held-out shard); statistics are reduced, the
+                      verification errors combined, and every rank returns the same graph
+                      (egp_fx.distributed.verification)
     """
     passes = _check_options(passes, cost, latency_fn, target)
-    if calibrated is None:
-        check_fits(model, device, share_weights)
-    batches = [b.to("cpu") for b in iter_batches(calib_loader, max_batches=max_batches,
-                                                  input_key=input_key)]
+    reduce = ranks.enabled(distributed)
+    with ranks.together("compress: calibration data", reduce):
+        if calibrated is None:
+            check_fits(model, device, share_weights)
+        batches = [b.to("cpu") for b in iter_batches(calib_loader, max_batches=max_batches,
+                                                      input_key=input_key, allow_empty=reduce)]
+        holdout = [b.to("cpu") for b in iter_batches(holdout_loader, input_key=input_key,
+                                                      allow_empty=reduce)] \
+            if holdout_loader is not None else []
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
-        distributed=distributed)
+        distributed=reduce)
     dev = next((p.device for p in original.parameters()), torch.device("cpu"))
-    batches = [b.to(dev) for b in batches]
-    holdout = [b.to(dev) for b in iter_batches(holdout_loader, input_key=input_key)] \
-        if holdout_loader is not None else []
+    batches, holdout = [b.to(dev) for b in batches], [b.to(dev) for b in holdout]
     t0 = time.perf_counter()
-    verify = _first_samples(batches, verify_samples) + holdout
-    verifier = Verifier(original, verify, _outputs(original, verify), tolerance, approx_tolerance)
-    example = batches[0].head(1)
+    combine = shared.combine if reduce else None
+    example, take = shared.shared_samples(batches, verify_samples) if reduce else \
+        (batches[0].head(1), verify_samples)
+    example = example.to(dev)
+    verify = _first_samples(batches, take) + holdout
+    verifier = Verifier(original, verify, _outputs(original, verify), tolerance, approx_tolerance,
+                        combine)
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
                             target=target, capture=original.meta.get("egp_capture"))
     gm = structural_copy(original)
@@ -238,9 +252,10 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     if not share_weights:
         own_tensors(gm, model)
     report.after = measure(gm, example)
-    report.max_error = output_error(gm, batches, _outputs(original, batches))
-    if holdout:
-        report.holdout_error = output_error(gm, holdout, _outputs(original, holdout))
+    report.max_error = output_error(gm, batches, _outputs(original, batches), combine)
+    if holdout_loader is not None:
+        report.holdout_error = output_error(gm, holdout, _outputs(original, holdout), combine,
+                                            "held-out error")
     report.seconds = time.perf_counter() - t0
     gm.meta[REPORT_META_KEY] = report
     gm.meta[ORIGINAL_META_KEY] = Transient(original)
