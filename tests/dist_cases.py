@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -170,3 +171,101 @@ def fault_cases(rank: int, world: int, store_folder: str) -> dict:
                             timeout=datetime.timedelta(seconds=30))
     out["dies"] = _attempt(lambda: egp_fx.calibrate(model, _dies(rank), progress=False))
     return out
+
+
+# ----------------------------------------------------------------------------- prune
+
+PRUNE_TRAIN, PRUNE_VAL, RANK_BATCH = 256, 120, 16
+
+
+class TinyNet(nn.Module):
+    """Two prunable convs and a classifier, no BatchNorm: one step of DDP over the ranks'
+    batches equals one step of one process over the global batch, up to float rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.relu2(self.conv2(self.relu1(self.conv1(x)))).mean((2, 3)))
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def digits_loaders(world: int, rank: int, batch: int, *, train: int = PRUNE_TRAIN,
+                   val: int = PRUNE_VAL, size: int = 8, seed: int = 0):
+    """(train loader through a DistributedSampler of `world` replicas, validation loader: all of
+    it on every rank) over the first images of the shipped digits."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset  # noqa: PLC0415
+
+    from egp_fx.prune.datasets import load_digits_data  # noqa: PLC0415
+
+    data = load_digits_data(size=size)
+    train_set = Subset(data.train, range(train)) if train else data.train
+    val_set = Subset(data.val, range(val)) if val else data.val
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed)
+    return (DataLoader(train_set, batch_size=batch, sampler=sampler),
+            DataLoader(val_set, batch_size=64))
+
+
+def pruned_of(result, names) -> dict:
+    model = result.model
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "masks": {n: model.get_submodule(n).weight.detach() != 0 for n in names},
+            "accuracy": [r.accuracy for r in result.log],
+            "sparsity": [r.sparsity for r in result.log],
+            "loss": [r.train[-1]["loss"] if r.train else None for r in result.log]}
+
+
+def prune_cases(rank: int, world: int, folder: str) -> dict:
+    """IMP and EGP, 1 round of 1 epoch, on the ranks' shares of 256 digits; then a resume."""
+    from egp_fx.prune import FinetuneConfig, prune  # noqa: PLC0415
+
+    train, val = digits_loaders(world, rank, RANK_BATCH)
+    config = FinetuneConfig(epochs=1, lr=0.05)
+    out = {}
+    imp = prune(tiny_net(), train, method="imp", iterations=1, finetune=config,
+                       val_loader=val, measure_compress=False, progress=False)
+    out["imp"] = pruned_of(imp, ["conv1", "conv2", "fc"])
+    run = f"{folder}/run{rank}"                   # every rank its own path: rank 0 alone writes
+    egp = prune(tiny_net(rank), train, method="egp", iterations=1, finetune=config,
+                       val_loader=val, out_dir=run, progress=False)
+    out["egp"] = pruned_of(egp, ["conv1", "conv2"])
+    out["egp_compress"] = egp.log[-1].compress
+    out["files"] = sorted(p.name for p in Path(run).iterdir()) if Path(run).exists() else None
+    resumed = prune(tiny_net(rank), train, method="egp", iterations=2, finetune=config,
+                           val_loader=val, out_dir=run, resume=True, progress=False)
+    out["resumed"] = pruned_of(resumed, ["conv1", "conv2"])
+    out["resumed_files"] = sorted(p.name for p in Path(run).iterdir()) \
+        if Path(run).exists() else None
+    exchange(None, "test: done")
+    broken = _NoLabelsAt(train, 2 if rank == 1 else None)   # last: the group does not survive it
+    out["fails"] = _attempt(lambda: prune(tiny_net(), broken, method="imp", iterations=1,
+                                          finetune=config, measure_compress=False,
+                                          progress=False))
+    if rank == 1:
+        torch.save(out, f"{folder}/partial{rank}.pt")
+        os._exit(3)                                # a failing rank ends its process
+    return out
+
+
+class _NoLabelsAt:
+    """A loader whose batch `index` has lost its labels (None: a loader as good as `loader`)."""
+
+    def __init__(self, loader, index: int | None):
+        self.loader, self.index = loader, index
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, (x, y) in enumerate(self.loader):
+            yield x if i == self.index else (x, y)

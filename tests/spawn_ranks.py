@@ -30,9 +30,10 @@ class Outcome:
     error: str | None = None          # "TypeName: message" when fn raised
     error_type: str | None = None
     seconds: float | None = None      # how long fn ran
+    traceback: str | None = None
 
     def ok(self) -> Any:
-        assert self.error is None, f"rank {self.rank} raised {self.error}"
+        assert self.error is None, f"rank {self.rank} raised {self.error}\n{self.traceback}"
         return self.value
 
 
@@ -93,5 +94,5 @@ def run_ranks(fn, folder: Path, *args, world: int = 2, timeout: float = 60.0,
             continue
         res = torch.load(path, weights_only=False)
         out.append(Outcome(r, p.exitcode, res.get("value"), res.get("error"),
-                           res.get("error_type"), res.get("seconds")))
+                           res.get("error_type"), res.get("seconds"), res.get("traceback")))
     return out

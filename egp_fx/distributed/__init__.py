@@ -25,7 +25,10 @@ so it may also be assigned here. A wait includes the time the slowest rank still
 local work (an uneven shard), so it must be longer than that. With gloo the bound applies to each
 wait; NCCL waits on the GPU, where the process group's own timeout applies (egp-fx creates its
 group with COLLECTIVE_TIMEOUT). A rank that fails makes the others stop with an error naming it
-(comm.py).
+(comm.py, faults.py).
+
+Modules: group.py (the group, backends and devices), comm.py (collectives, failing together),
+faults.py (naming the failed rank), calibration.py, verification.py, training.py, launch.py.
 """
 from __future__ import annotations
 
@@ -56,11 +59,12 @@ def _timeout_from_env() -> datetime.timedelta:
 
 COLLECTIVE_TIMEOUT: datetime.timedelta = _timeout_from_env()
 
-from .comm import (all_reduce, backend_device, broadcast_tensors, enabled, exchange,  # noqa: E402
-                   from_writer, is_writer, mark, rank, report_failure, together, world_size)
+from .comm import all_reduce, broadcast_tensors, exchange, from_writer, together  # noqa: E402
+from .faults import guarded, mark, report_failure  # noqa: E402
+from .group import backend_device, enabled, is_writer, rank, world_size  # noqa: E402
 
 __all__ = [
     "COLLECTIVE_TIMEOUT", "TIMEOUT_ENV", "all_reduce", "backend_device", "broadcast_tensors",
-    "enabled", "exchange", "from_writer", "is_writer", "mark", "rank", "report_failure",
-    "together", "world_size",
+    "enabled", "exchange", "from_writer", "guarded", "is_writer", "mark", "rank",
+    "report_failure", "together", "world_size",
 ]

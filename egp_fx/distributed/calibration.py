@@ -27,7 +27,8 @@ import torch
 from ..data import Batch
 from ..errors import DistributedError
 from ..stats import StatsAccumulator
-from .comm import all_reduce, backend_device, exchange, rank
+from .comm import all_reduce, exchange
+from .group import backend_device, rank
 
 
 def first_batch(mine: Batch | None, device: torch.device) -> tuple[Batch, bool]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from ..data import Batch
 from ..verify import ErrorMeter
-from .comm import exchange, rank
+from .comm import exchange
+from .group import rank
 
 
 def shared_samples(batches: list[Batch], verify_samples: int | None) -> tuple[Batch, int | None]:
