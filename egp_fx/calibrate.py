@@ -133,7 +133,8 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
                            device=device_of(model), allow_empty=reduce)
     with ranks.together("calibration: first batch", reduce):
         first = next(batches, None)
-    first, counted = across.first_batch(first, device_of(model)) if reduce else (first, True)
+    first, counted = across.first_batch(first, device_of(model), model) if reduce \
+        else (first, True)
     with ranks.together("calibration", reduce):
         gm = moved(capture(model, first, mode=capture_mode), device)
         accumulators = accumulators_for(gm, first.to(device), gelu_margins, silu_margins)

@@ -121,7 +121,7 @@ def calibration_cases(rank: int, world: int) -> dict:
     return out
 
 
-HANG_SECONDS = 6.0
+HANG_SECONDS, HANG_TIMEOUT = 8.0, 2.0
 
 
 def _attempt(fn) -> dict:
@@ -154,16 +154,20 @@ def _dies(rank: int):
     yield from batches([4], offset=50 + rank)
 
 
-def fault_cases(rank: int, world: int, store_folder: str) -> dict:
-    """A rank that raises, then (same group) one that hangs, then (new group) one that dies."""
+def calibration_then_faults(rank: int, world: int, store_folder: str) -> dict:
+    """calibration_cases, then a rank that raises, then (same group) one that hangs, then (new
+    group) one that dies. Rank 1 saves what it has before it dies, as partial1.pt."""
     import torch.distributed as dist  # noqa: PLC0415
 
     model = kinds_net()
-    out = {"raises": _attempt(lambda: egp_fx.calibrate(model, _nan_in_second_batch(rank),
-                                                       progress=False))}
+    out = calibration_cases(rank, world)
+    out["raises"] = _attempt(lambda: egp_fx.calibrate(model, _nan_in_second_batch(rank),
+                                                       progress=False))
     out["after_raise"] = exchange(rank, "test: the group still works")
+    egp_fx.distributed.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=HANG_TIMEOUT)
     out["hangs"] = _attempt(lambda: egp_fx.calibrate(model, _slow(rank, HANG_SECONDS),
                                                      progress=False))
+    egp_fx.distributed.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
     torch.save(out, f"{store_folder}/partial{rank}.pt")      # rank 1 dies before returning
     dist.destroy_process_group()
     store = dist.FileStore(f"{store_folder}/store2", world)

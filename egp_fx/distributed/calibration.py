@@ -14,7 +14,10 @@ of the per-batch EGP entropy over every batch of every rank (equal up to the ord
 additions). Shards may be uneven (each rank reduces once, after its own last batch, so none waits
 for a batch that never comes) and empty: a rank without data contributes zero counts, +inf/-inf
 to min/max, and still takes part in every reduction. It captures the model with the first batch
-of the lowest rank that has one (first_batch), which it does not count.
+of the lowest rank that has one (first_batch), which it does not count. The same exchange
+compares a fingerprint of the model (per tensor, its sum and the sum of its magnitudes): ranks
+that calibrate different weights (a model initialised at random on each rank) stop with an
+error instead of reducing statistics of no model at all.
 
 Four collectives in all: one exchange of the names and channel counts (which also checks that
 every rank captured the same activation calls), a SUM of the integers, a SUM of the float64
@@ -23,6 +26,7 @@ entropy sums and a MAX of [zmax, -zmin] (negation is exact, so MIN comes out of 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..data import Batch
 from ..errors import DistributedError
@@ -30,12 +34,42 @@ from ..stats import StatsAccumulator
 from .comm import all_reduce, exchange
 from .group import backend_device, rank
 
+_SAME = 1e-6      # relative difference of the weight sums beyond which two models differ
 
-def first_batch(mine: Batch | None, device: torch.device) -> tuple[Batch, bool]:
+
+def fingerprint(model: nn.Module) -> list[tuple[str, float, float]]:
+    """(name, sum, sum of |x|) of every parameter and buffer, in float64."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    if not named:
+        return []
+    with torch.no_grad():
+        sums = torch.stack([torch.stack([t.sum(dtype=torch.float64),
+                                         t.abs().sum(dtype=torch.float64)]).cpu()
+                            for _, t in named]).tolist()
+    return [(name, s, a) for (name, _), (s, a) in zip(named, sums)]
+
+
+def _check_same_model(prints: list[list[tuple[str, float, float]]]) -> None:
+    """Every rank must calibrate the same weights: a model drawn at random on each rank would
+    give statistics of no model at all."""
+    for r, theirs in enumerate(prints[1:], start=1):
+        bad = [a[0] for a, b in zip(prints[0], theirs)
+               if a[0] != b[0] or abs(a[1] - b[1]) > _SAME * max(a[2], b[2], 1e-30)]
+        if bad or len(theirs) != len(prints[0]):
+            raise DistributedError(
+                f"rank {r} calibrates other weights than rank 0 ({(bad or ['the tensor list'])[0]} "
+                "differs): every rank must calibrate the same model (load the same checkpoint, "
+                "or seed its initialisation)")
+
+
+def first_batch(mine: Batch | None, device: torch.device, model: nn.Module
+                ) -> tuple[Batch, bool]:
     """(this rank's first batch, True), or for a rank without data (the first batch of the
     lowest rank that has one, on `device`, False): the capture needs an example, the
-    statistics must not count it."""
-    have = exchange(mine is not None, "calibration: who has data")
+    statistics must not count it. Checks on the way that every rank has the same model."""
+    got = exchange((mine is not None, fingerprint(model)), "calibration: who has data")
+    _check_same_model([p for _, p in got])
+    have = [h for h, _ in got]
     if all(have):
         return mine, True
     if not any(have):
