@@ -273,3 +273,42 @@ class _NoLabelsAt:
     def __iter__(self):
         for i, (x, y) in enumerate(self.loader):
             yield x if i == self.index else (x, y)
+
+
+def dense_digits_model(path: str, epochs: int = 4) -> None:
+    """A dense ResNet-18 (CIFAR stem, width x0.25) trained on all digits by one process, saved
+    to `path` (the start of the EGP round below)."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from egp_fx.prune import FinetuneConfig, finetune, resnet18_cifar  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = resnet18_cifar(width_mult=0.25)
+    train, _ = digits_loaders(1, 0, 128, train=0, val=0, size=32)
+    finetune(model, train, FinetuneConfig(epochs=epochs, lr=0.1), progress=False,
+             distributed=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def egp_round(start: str, world: int, rank: int, rank_batch: int, lr: float) -> dict:
+    """One EGP round of one epoch from the model saved at `start`, on all 1,437 training digits
+    (this rank's DistributedSampler share, batches of `rank_batch`), scored on all 360
+    validation digits."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from egp_fx.prune import FinetuneConfig, prune, resnet18_cifar  # noqa: PLC0415
+
+    model = resnet18_cifar(width_mult=0.25)
+    model.load_state_dict(load_file(start))
+    train, val = digits_loaders(world, rank, rank_batch, train=0, val=0, size=32)
+    t0 = time.monotonic()
+    result = prune(model, train, method="egp", iterations=1, val_loader=val,
+                   finetune=FinetuneConfig(epochs=1, lr=lr), measure_compress=False,
+                   progress=False)
+    out = pruned_of(result, [lay["module"] for lay in result.log[-1].layers])
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def egp_round_on_ranks(rank: int, world: int, start: str, lr: float) -> dict:
+    return egp_round(start, world, rank, 64, lr)
