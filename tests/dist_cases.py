@@ -250,6 +250,13 @@ def prune_cases(rank: int, world: int, folder: str) -> dict:
     out["resumed"] = pruned_of(resumed, ["conv1", "conv2"])
     out["resumed_files"] = sorted(p.name for p in Path(run).iterdir()) \
         if Path(run).exists() else None
+    from egp_fx.prune import finetune  # noqa: PLC0415
+    for name, keep in (("uneven", 3), ("empty", 0)):   # rank 1: 3 of its 8 batches, or none
+        model = tiny_net()
+        history = finetune(model, _First(train, keep if rank == 1 else None), config,
+                           progress=False)
+        out[name] = {"state": {k: v.clone() for k, v in model.state_dict().items()},
+                     "history": history}
     exchange(None, "test: done")
     broken = _NoLabelsAt(train, 2 if rank == 1 else None)   # last: the group does not survive it
     out["fails"] = _attempt(lambda: prune(tiny_net(), broken, method="imp", iterations=1,
@@ -312,3 +319,19 @@ def egp_round(start: str, world: int, rank: int, rank_batch: int, lr: float) -> 
 
 def egp_round_on_ranks(rank: int, world: int, start: str, lr: float) -> dict:
     return egp_round(start, world, rank, 64, lr)
+
+
+class _First:
+    """The first `n` batches of a loader (None: all of them)."""
+
+    def __init__(self, loader, n: int | None):
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.n is None else self.n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if self.n is not None and i >= self.n:
+                return
+            yield batch

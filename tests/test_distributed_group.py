@@ -75,3 +75,17 @@ def test_timeout_comes_from_the_environment(monkeypatch):
     assert ranks._timeout_from_env() == datetime.timedelta(seconds=12.5)
     monkeypatch.setenv(ranks.TIMEOUT_ENV, "soon")
     assert ranks._timeout_from_env() == ranks.DEFAULT_TIMEOUT == datetime.timedelta(minutes=30)
+
+
+def test_inspection_writes_files_on_rank_0_only(tmp_path, monkeypatch):
+    from planted_models import planted_net
+
+    small = egp_fx.compress(planted_net(), union(UNEVEN), progress=False, distributed=False)
+    ins = egp_fx.inspect(small)
+    monkeypatch.setattr(ranks, "is_writer", lambda: False)
+    assert ins.write_html(tmp_path / "a" / "r.html") == tmp_path / "a" / "r.html"
+    assert ins.write_pictures(tmp_path / "b") == [] and ins.save_graph(tmp_path / "g.json")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "g.json").exists()
+    monkeypatch.setattr(ranks, "is_writer", lambda: True)
+    assert ins.write_html(tmp_path / "a" / "r.html").stat().st_size > 1000

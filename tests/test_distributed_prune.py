@@ -99,3 +99,15 @@ def test_two_rank_egp_round_on_all_digits_matches_one_process(tmp_path):
     assert two[0]["accuracy"][0] == one["accuracy"][0] > 0.9
     assert two[0]["sparsity"][-1] == pytest.approx(0.5, abs=0.01)
     assert abs(two[0]["accuracy"][-1] - one["accuracy"][-1]) <= 0.005
+
+
+@pytest.mark.parametrize("case", ["uneven", "empty"])
+def test_uneven_and_empty_training_shards_do_not_hang(pruned, case):
+    """Rank 1 trains on 3 of its 8 batches, or on none: DDP's Join carries rank 0 through its
+    other batches (the whole run is bounded in time), and both end with the same weights and
+    the same history."""
+    a, b = pruned[0][case], pruned[1][case]
+    assert _identical(a["state"], b["state"])
+    assert a["history"] == b["history"] and 0 < a["history"][0]["loss"] < 10
+    assert not torch.equal(a["state"]["conv1.weight"], tiny_net().state_dict()["conv1.weight"])
+    assert not _identical(pruned[0]["uneven"]["state"], pruned[0]["empty"]["state"])

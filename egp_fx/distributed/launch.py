@@ -51,8 +51,11 @@ def setup(device: str | None) -> bool:
 
     cuda = device is not None and str(device).startswith("cuda")
     if cuda:
-        torch.cuda.set_device(torch.device(rank_device(device)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        gpu = torch.device(rank_device(device))
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=gpu)
+    else:
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     log.info("rank %d of %d: %s process group", rank(), world_size(), dist.get_backend())
     return True
 

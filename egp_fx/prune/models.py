@@ -88,8 +88,14 @@ def build_model(config: ResNetConfig) -> ResNetCifar:
 
 def save_model(model: nn.Module, config: ResNetConfig, weights_path: str | Path,
                config_path: str | Path, extra: dict | None = None) -> None:
-    """Weights as safetensors, the config (plus `extra`, e.g. data normalisation) as JSON."""
+    """Weights as safetensors, the config (plus `extra`, e.g. data normalisation) as JSON; under
+    an initialised torch.distributed process group, by rank 0 alone."""
     from safetensors.torch import save_file  # noqa: PLC0415
+
+    from ..distributed import is_writer  # noqa: PLC0415
+
+    if not is_writer():
+        return
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path))
