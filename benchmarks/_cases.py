@@ -86,10 +86,11 @@ def compressor(stand_in: bool) -> Callable[..., nn.Module]:
         from egp_fx.tracing import trace
 
         return lambda model, calib, without=(): trace(model)
-    from egp_fx.compress import DEFAULT_PASSES, compress
+    from egp_fx.compress import compress
+    from egp_fx.passes import default_pipeline
 
     def run(model: nn.Module, calib: list[torch.Tensor], without=()) -> nn.Module:
-        passes = tuple(p for p in DEFAULT_PASSES if p not in without)
+        passes = tuple(p for p in default_pipeline() if p not in without)
         return compress(model, calib, passes=passes, progress=False)
 
     return run

@@ -1,14 +1,24 @@
-"""Cases 1 and 2 on a GPU: torch eager fp32 and fp16 + CUDA graphs, batch 1 and 32.
+"""egp_fx on a GPU: ResNet-18 with 0, 2 and 4 dead blocks against the hand-built oracle, and ViT-Tiny,
+torch fp16 eager, CUDA graphs and torch.compile, batch 1 and 32, against a fair baseline.
 
-One prepared script for a GPU machine (torch, torchvision, timm, onnx; egp_fx installed with
-`pip install --no-deps -e .`; no network). For each case the planted model, its egp_fx.compress
-output (compressed on the CPU) and, for case 1, the oracle are timed interleaved with
-egp_fx.benchmark on backend torch-cuda, variants "fp32" (eager, the reference) and
-"fp16+cudagraph". Results are written after every case to OUT/gpu_bench.{json,md}, so a run cut
-short keeps what it finished. About 5 minutes on one H100 (most of it compress on the CPU).
+One prepared command for a GPU machine (torch >= 2.11, torchvision, timm, onnx; no network;
+egp_fx from the repository with PYTHONPATH=. or `pip install --no-deps -e .`):
 
-    python benchmarks/gpu_bench.py "$OUT"
-    python benchmarks/gpu_bench.py /tmp/out --device cpu --dry-run   # check it here, tiny sizes
+    PYTHONPATH=. python benchmarks/gpu_bench.py "$OUT"        # OUT/gpu_bench.{json,md}
+    PYTHONPATH=. python benchmarks/gpu_bench.py /tmp/g --device cpu --quick   # check it here
+
+For each case the planted model ("original"), its egp_fx.compress output ("compressed",
+compressed on the CPU) and, for ResNet-18, the oracle (dead blocks replaced by nn.Identity,
+_cases.py) are timed interleaved by egp_fx.benchmark on backend torch-cuda. The baseline of every
+speedup is the original as a user would deploy it: a copy with its BatchNorm folded
+(torch.fx.experimental.optimization.fuse); every model is prepared the same way, and each row
+says how. Variants: "fp16" (eager), "fp16+cudagraph" (captured by hand, one replay per call) and
+"fp16+compile" (torch.compile, mode="reduce-overhead": CUDA graphs through inductor, compiled
+once per model and batch size outside the timing). Cases run in order, ResNet-18 first (4 dead
+blocks, then 2, then 0), then ViT-Tiny; results are written after every case, and a case that
+would start after --time-budget seconds (default 480) is left out and listed, so the command
+ends within the 10 minutes a device call allows and a run cut short keeps what it finished.
+Most of the time is torch.compile (each model once per batch size) and compress on the CPU.
 """
 from __future__ import annotations
 
@@ -28,10 +38,13 @@ from _common import header, setup_logging  # noqa: E402
 from egp_fx.bench import benchmark  # noqa: E402
 
 log = logging.getLogger("gpu_bench")
+BASELINE = ("Baseline of every speedup: the original with its BatchNorm folded "
+            "(torch.fx.experimental.optimization.fuse on a copy), same variant and batch size; "
+            "the baseline column names it, and 'Prepared as' says how each model ran.")
 
 
 def plan(args) -> list[tuple[str, dict]]:
-    """(case name, what to build) in the order they run: the cheapest first."""
+    """(case name, what to build) in the order they run: the ResNet-18 cases first."""
     cases = [(f"resnet18-k{k}", {"kind": "resnet", "k": k}) for k in args.ks]
     cases += [(f"vit-{v}", {"kind": "vit", "variant": v}) for v in args.vit_variants]
     return cases
@@ -51,6 +64,7 @@ def build(spec: dict, args) -> dict[str, torch.nn.Module]:
 
 
 def fp32_error(models: dict, args, device: str) -> dict[str, float]:
+    """max |model - original| in fp32 on the device (TF32 convs on recent GPUs: ~1e-3)."""
     x = _cases.calibration(1, 2, args.img_size, seed=args.seed + 100)[0].to(device)
     with torch.no_grad():
         outs = {n: m.to(device)(x).float().cpu() for n, m in models.items()}
@@ -64,41 +78,72 @@ def run_case(name: str, spec: dict, args) -> dict:
     start = time.perf_counter()
     models = build(spec, args)
     built = time.perf_counter() - start
-    device = "cuda" if args.device == "cuda" else "cpu"
     result = benchmark(models, torch.randn(1, 3, args.img_size, args.img_size),
-                       batch_sizes=args.batch_sizes, backends=(f"torch-{device}",),
-                       repeats=args.repeats, warmup=args.warmup,
-                       torch_variants=("fp32", "fp16+cudagraph"))
-    return {"case": name, "build_seconds": built, "bench_seconds": time.perf_counter() - start
-            - built, "fp32_max_abs_err_vs_original": fp32_error(models, args, device),
+                       batch_sizes=args.batch_sizes, backends=(f"torch-{args.device}",),
+                       repeats=args.repeats, warmup=args.warmup, torch_variants=args.variants)
+    return {"case": name, "build_seconds": built,
+            "bench_seconds": time.perf_counter() - start - built,
+            "fp32_max_abs_err_vs_original": fp32_error(models, args, args.device),
             "result": result}
 
 
-def write(out: Path, head: str, meta: dict, done: list[dict], failed: list[dict]) -> None:
+def summary(done: list[dict]) -> str:
+    """compressed and oracle speedups over the baseline, one line per case/variant/batch."""
+    lines = ["| case | variant | batch | original ms | compressed ms | oracle ms | "
+             "compressed speedup | oracle speedup |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in done:
+        rows = run["result"].rows
+        for variant, batch in dict.fromkeys((r.variant, r.batch_size) for r in rows):
+            cell = {r.model: r for r in rows if (r.variant, r.batch_size) == (variant, batch)}
+
+            def ms(n):
+                return f"{cell[n].median_ms:.3f}" if n in cell else "-"
+
+            def up(n):
+                return f"{cell[n].speedup:.2f}x" if n in cell and cell[n].speedup else "-"
+
+            lines.append(f"| {run['case']} | {variant} | {batch} | {ms('original')} | "
+                         f"{ms('compressed')} | {ms('oracle')} | {up('compressed')} | "
+                         f"{up('oracle')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, head: str, meta: dict, done: list[dict], failed: list[dict],
+          left_out: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    parts = [head]
+    parts = [head, "## Summary\n", BASELINE + "\n", summary(done)]
+    if left_out:
+        parts.append(f"Not run (time budget of {meta['settings']['time_budget_s']} s reached): "
+                     + ", ".join(left_out) + "\n")
     for run in done:
         parts.append(f"\n## {run['case']}\n\nbuild (incl. compress) {run['build_seconds']:.1f} s, "
-                     f"benchmark {run['bench_seconds']:.1f} s; fp32 max abs error vs original: "
-                     + ", ".join(f"{n} {e:.2e}" for n, e in
-                                 run["fp32_max_abs_err_vs_original"].items()) + "\n")
+                     f"benchmark (incl. compiles) {run['bench_seconds']:.1f} s; fp32 max abs "
+                     "error vs original: " + ", ".join(
+                         f"{n} {e:.2e}" for n, e in run["fp32_max_abs_err_vs_original"].items())
+                     + "\n")
         parts.append(run["result"].to_markdown(header=False))
     parts += [f"\n## {f['case']}: FAILED\n\n```\n{f['error']}\n```\n" for f in failed]
     (out / "gpu_bench.md").write_text("\n".join(parts))
-    payload = {**meta, "failed": failed,
+    payload = {**meta, "baseline": BASELINE, "failed": failed, "not_run": left_out,
                "runs": [{**{k: v for k, v in r.items() if k != "result"},
                          **r["result"].to_dict()} for r in done]}
     (out / "gpu_bench.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def main() -> None:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="folder for gpu_bench.{json,md}")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny sizes (64 px, batch 1 and 2, 2 repeats) to check the script")
-    parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--quick", "--dry-run", dest="quick", action="store_true",
+                        help="tiny sizes (64 px, batch 1 and 2, 2 repeats, ResNet-18 k=2 and "
+                        "ViT linear) to check the script")
+    parser.add_argument("--ks", type=int, nargs="+", default=[4, 2, 0],
+                        help="dead blocks per ResNet-18 case, run in this order (default 4 2 0)")
     parser.add_argument("--vit-variants", nargs="+", default=["dead", "linear"])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="torch variants (default: fp16, fp16+cudagraph, fp16+compile on "
+                        "cuda; fp32, fp32+compile on cpu)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
@@ -106,31 +151,51 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--calib-batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=480.0,
+                        help="seconds after which no further case starts (default 480)")
     parser.add_argument("--stand-in", action="store_true",
                         help="use a plain trace instead of egp_fx.compress (development)")
-    args = parser.parse_args()
-    if args.dry_run:
+    args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = (["fp16", "fp16+cudagraph", "fp16+compile"] if args.device == "cuda"
+                         else ["fp32", "fp32+compile"])
+    if args.quick:
         args.ks, args.vit_variants, args.batch_sizes = [2], ["linear"], [1, 2]
         args.repeats, args.warmup, args.img_size = 2, 1, 64
         args.calib_batches, args.calib_batch_size = 1, 2
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     setup_logging()
     torch.backends.cudnn.benchmark = True
-    head, meta = header("egp_fx on GPU: torch eager fp32 and fp16 + CUDA graphs")
+    start = time.perf_counter()
+    head, meta = header("egp_fx on GPU: ResNet-18 against its oracle and ViT-Tiny, torch fp16 "
+                        "eager, CUDA graphs and torch.compile")
+    meta["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta["settings"]["time_budget_s"] = args.time_budget
     head += ("\nTimes: medians of interleaved (round-robin) calls, ms per call, each call ending "
              "in torch.cuda.synchronize(); compress ran on the CPU.\n")
-    done, failed = [], []
+    done, failed, left_out = [], [], []
     for name, spec in plan(args):
+        if time.perf_counter() - start > args.time_budget:
+            left_out.append(name)
+            log.warning("case %s not run: time budget of %.0f s reached", name, args.time_budget)
+            continue
         log.info("case %s", name)
         try:
             done.append(run_case(name, spec, args))
         except Exception:  # noqa: BLE001  (keep the other cases; the trace goes to the report)
             failed.append({"case": name, "error": traceback.format_exc()[-4000:]})
             log.exception("case %s failed", name)
-        write(args.out, head, meta, done, failed)
+        write(args.out, head, meta, done, failed, left_out)
+    write(args.out, head, meta, done, failed, left_out)
     print((args.out / "gpu_bench.md").read_text())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from .capture import capture, rejected
 from .channels import channel_axis
-from .copying import device_of, moved
 from . import distributed as ranks
+from .activations import GELU_MARGINS, SILU_MARGINS, region_spec
+from .copying import device_of, moved
 from .data import Batch, iter_batches, loader_length
 from .distributed import calibration as across
 from .errors import CalibrationError
 from .ops import Ops, main_input
-from .regions import GELU_MARGINS, SILU_MARGINS, region_spec
 from .shapes import failing_node, propagate
 from .stats import EGP_META_KEY, StatsAccumulator
 
@@ -88,18 +88,21 @@ def _check_backend(device: torch.device) -> None:
 
 
 def _observe(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator], batches: Iterable,
-             device: torch.device, total: int | None, progress: bool) -> None:
-    """The local pass: every batch through the instrumented copy of gm."""
+             device: torch.device, total: int | None, progress: bool, on_output=None) -> None:
+    """The local pass: every batch through the instrumented copy of gm (on_output sees each
+    batch's output)."""
     inst = _instrument(gm, accumulators)
     bar = tqdm(total=total, desc="calibrate", unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
         for i, batch in enumerate(batches):
             batch = batch.to(device)
             try:
-                batch(inst)
+                out = batch(inst)
             except Exception as err:
                 where = failing_node(gm, batch)
                 raise CalibrationError(rejected(i, batch, err, where)) from err
+            if on_output is not None:
+                on_output(batch, out)
             bar.update(1)
     bar.close()
 
@@ -108,13 +111,15 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
               device: torch.device | str | None = None, input_key: str | None = None,
               progress: bool = True, gelu_margins: tuple[float, float] = GELU_MARGINS,
               silu_margins: tuple[float, float] = SILU_MARGINS, capture_mode: str = "auto",
-              distributed: bool | None = None) -> fx.GraphModule:
+              distributed: bool | None = None, on_output=None) -> fx.GraphModule:
     """Capture `model` and record, per activation call, its region statistics.
 
     Returns the captured GraphModule (on `device`, eval mode) with an ActivationStats record in
     node.meta["egp"] of every activation node. `model` itself is never modified. The loader may
     yield tensors, (input, ...) tuples or dicts of tensors (egp_fx.data). `capture_mode`:
-    "auto" (torch.fx, then torch.export), "fx" or "export".
+    "auto" (torch.fx, then torch.export), "fx" or "export". `on_output(batch, output)`, when
+    given, sees the model's output for every batch of this rank (compress keeps the references
+    it verifies against this way, without another forward).
 
     `distributed`: reduce the statistics over the ranks of the default torch.distributed process
     group (default: when one is initialised; False keeps them local). Each rank then passes its
@@ -141,7 +146,7 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
         if not accumulators:
             log.warning("calibrate: the model has no supported activation calls")
         _observe(gm, accumulators, itertools.chain([first] if counted else [], batches), device,
-                 loader_length(calib_loader, max_batches), progress)
+                 loader_length(calib_loader, max_batches), progress, on_output)
     if reduce:
         across.reduce(accumulators, device)
     for node in gm.graph.nodes:

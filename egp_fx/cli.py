@@ -91,8 +91,14 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-approximate", action="store_true", help="apply inexact rewrites too")
     g.add_argument("--passes", help="comma-separated pass names (default: all, in order)")
     g.add_argument("--verify-samples", type=int, help="calibration samples used to verify (default 8)")
+    g.add_argument("--target", choices=("ort-cpu", "cuda", "generic"), default="ort-cpu",
+                   help="hardware the model will run on; sets the width multiple of narrowed "
+                   "layers (default ort-cpu: 16; cuda: 64; generic: 8)")
     g.add_argument("--channel-multiple", type=int,
-                   help="keep narrowed widths a multiple of this (default 16; 1 = exact count)")
+                   help="keep narrowed widths a multiple of this (overrides --target; 1 = exact)")
+    g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="how the model is captured: torch.fx, torch.export, or fx then export "
+                   "(default auto)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")
 
 
@@ -127,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = _command(sub, "compress", "calibrate and compress a model; print what changed")
-    p.add_argument("--out", help="folder for report.json, report.html and model.onnx")
+    p.add_argument("--out", help="folder for report.json, report.html, model.onnx and model.pt2 "
+                   "(a torch.export program: egp_fx.load)")
     p.add_argument("--no-onnx", action="store_true", help="with --out: skip the ONNX file")
     p = _command(sub, "inspect", "compress, then show per-layer decisions and the graph diff")
     p.add_argument("--html", help="write the self-contained HTML report here")
@@ -140,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the newest all tools support)")
     p = _command(sub, "bench", "compress, then time original and compressed side by side")
     p.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
-    p.add_argument("--backends", default="ort-cpu", help="comma-separated: ort-cpu, ort-cuda, "
-                   "torch-cpu, torch-cuda (default ort-cpu)")
+    from .bench import BACKENDS, DEFAULT_TORCH_VARIANTS, TORCH_VARIANTS
+    p.add_argument("--backends", default="ort-cpu",
+                   help=f"comma-separated: {', '.join(BACKENDS)} (default ort-cpu)")
+    p.add_argument("--torch-variants", default=",".join(DEFAULT_TORCH_VARIANTS),
+                   help=f"comma-separated, for the torch backends: {', '.join(TORCH_VARIANTS)} "
+                   "(default %(default)s; every model runs with its BatchNorm folded)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int)

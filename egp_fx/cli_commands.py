@@ -55,7 +55,8 @@ def _inputs(args, *, num_batches: int | None = DEFAULT_CALIB_BATCHES,
 
 
 def _compress_options(args) -> dict:
-    opts: dict = {"progress": not args.no_progress and is_writer()}
+    opts: dict = {"progress": not args.no_progress and is_writer(), "target": args.target,
+                  "capture": args.capture}
     if args.tolerance is not None:
         opts["tolerance"] = args.tolerance
     if args.allow_approximate:
@@ -123,6 +124,12 @@ def run_compress(args) -> tuple[dict, str]:
             except Exception as err:  # the report is written; say that the export failed
                 result.update(exit_code=EXIT_EXPORT, error=f"ONNX export failed: {err}")
                 print(f"egp-fx: error: ONNX export failed: {err}", file=sys.stderr)
+        try:   # the torch.export program, report inside (egp_fx.load reads it)
+            from .saving import save
+            result["files"]["model.pt2"] = str(save(gm, out / "model.pt2").path)
+        except Exception as err:
+            result.update(exit_code=EXIT_EXPORT, error=f"saving model.pt2 failed: {err}")
+            print(f"egp-fx: error: saving model.pt2 failed: {err}", file=sys.stderr)
     counts = ", ".join(f"{k} {v}" for k, v in result["decisions"].items()) or "none"
     lines = [report.summary(), f"activation decisions: {counts}"]
     lines += [f"wrote {p}" for p in result["files"].values()]
@@ -186,6 +193,7 @@ def run_bench(args) -> tuple[dict, str]:
     from .bench import benchmark
     sizes = _int_list(args.batch_sizes, "--batch-sizes")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
     inputs = _inputs(args)
     gm = _compressed(args, inputs)
     if not is_writer():                # one process times the models: the others would compete
@@ -193,7 +201,7 @@ def run_bench(args) -> tuple[dict, str]:
     try:
         bench = benchmark({"original": inputs.model, "compressed": gm}, inputs.data.example[:1],
                           batch_sizes=sizes, backends=backends, repeats=args.repeats,
-                          warmup=args.warmup, threads=args.threads)
+                          warmup=args.warmup, threads=args.threads, torch_variants=variants)
     except ValueError as err:          # rejected settings
         raise CLIError(f"bench: {err}", EXIT_USAGE) from err
     except Exception as err:  # export or runtime failure inside the benchmark

@@ -11,7 +11,8 @@ tensors a rewrite creates are new, and at the end the result gets its own copy o
 shares with the model (unless share_weights=True). A model that would not fit fails before it
 starts (memory.py).
 The result is a torch.fx.GraphModule called like the model, whose meta holds the report
-("egp_report") and, not pickled with it, the calibrated original ("egp_original").
+("egp_report") and, not pickled with it, the calibrated original ("egp_original"); it survives
+torch.save / torch.load with its report (pickling.py).
 Error measure and verification: egp_fx.verify.
 """
 from __future__ import annotations
@@ -27,15 +28,18 @@ from tqdm.auto import tqdm
 
 from . import distributed as ranks
 from .calibrate import calibrate
-from .copying import own_tensors, structural_copy
+from .copying import device_of, own_tensors, structural_copy, tensor_bytes
 from .data import Batch, iter_batches
 from .distributed import verification as shared
 from .errors import CompressError
+from .layer import CAPTURE_META_KEY
 from .measures import measure
+from .latency import WidthTable, timer_for
 from .memory import check_fits
 from .passes import PASSES, default_pipeline, run_pass
 from .passes.base import PassContext, PassOptions, Refusal, Status
 from .passes.cleanup import unshare
+from .pickling import make_picklable
 from .report import EXAMPLE_META_KEY, ORIGINAL_META_KEY, REPORT_META_KEY, CompressReport, \
     PassSummary, Transient
 from .targets import TARGETS, target_options
@@ -73,6 +77,44 @@ def _first_samples(batches: list[Batch], n: int | None) -> list[Batch]:
 def _outputs(gm, batches: list[Batch]) -> list[list[torch.Tensor]]:
     with torch.no_grad():
         return [tensor_leaves(b(gm)) for b in batches]
+
+
+class _Keeper:
+    """Keeps the model's outputs seen during calibration, up to a byte budget: with them the
+    references need no second forward of the original. Past the budget they are dropped and
+    recomputed (language-model logits can be large)."""
+
+    BUDGET = 256 * 2 ** 20        # and at most a tenth of the weights
+
+    def __init__(self, model: nn.Module):
+        self.outputs: list[list[torch.Tensor]] | None = []
+        self.bytes = 0
+        self.budget = min(self.BUDGET, tensor_bytes(model) // 10)
+
+    def __call__(self, batch, out) -> None:
+        if self.outputs is None:
+            return
+        leaves = [t.detach() for t in tensor_leaves(out)]
+        self.bytes += sum(t.numel() * t.element_size() for t in leaves)
+        self.outputs = self.outputs + [leaves] if self.bytes <= self.budget else None
+
+    def refs(self, gm, batches: list[Batch]) -> list[list[torch.Tensor]]:
+        if self.outputs is not None and len(self.outputs) == len(batches):
+            return self.outputs
+        return _outputs(gm, batches)
+
+
+def _heads(outputs: list[list[torch.Tensor]], batches: list[Batch], n: int | None) -> list:
+    """The outputs of the first n samples (the verification samples of _first_samples)."""
+    if n is None:
+        return outputs
+    out, left = [], n
+    for leaves, batch in zip(outputs, batches):
+        if left <= 0:
+            break
+        out.append([t[:left] if t.dim() and t.shape[0] == batch.size else t for t in leaves])
+        left -= min(left, batch.size)
+    return out
 
 
 class _Run:
@@ -179,8 +221,8 @@ def _check_options(passes, cost, latency_fn, target) -> tuple[str, ...]:
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise CompressError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
-    if cost not in ("flops", "latency") or (cost == "latency" and latency_fn is None):
-        raise CompressError("cost must be 'flops', or 'latency' together with latency_fn")
+    if cost not in ("flops", "latency"):
+        raise CompressError(f"cost must be 'flops' or 'latency', got {cost!r}")
     if target not in TARGETS:
         raise CompressError(f"unknown target {target!r}; choose from {sorted(TARGETS)}")
     return passes
@@ -201,7 +243,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     tolerance         relative output error allowed for exact rewrites (default 1e-5)
     allow_approximate apply rewrites that are not exact (kxk o kxk conv merges), checked against
                       approx_tolerance
-    cost              "flops" (default) or "latency" (with latency_fn(module, x) -> seconds)
+    cost              "flops" (default) or "latency": measured on the target (egp_fx.latency),
+                      or by latency_fn(module, x) -> seconds when given
     target            the hardware the model will run on: "ort-cpu", "cuda" or "generic"; sets
                       the width multiple of narrowed layers (egp_fx.targets)
     channel_multiple  overrides the target's width multiple (1 removes every dead channel)
@@ -229,36 +272,42 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
         holdout = [b.to("cpu") for b in iter_batches(holdout_loader, input_key=input_key,
                                                       allow_empty=reduce)] \
             if holdout_loader is not None else []
+    keeper = _Keeper(model)
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
-        distributed=reduce)
-    dev = next((p.device for p in original.parameters()), torch.device("cpu"))
+        distributed=reduce, on_output=keeper)
+    dev = device_of(original)
     batches, holdout = [b.to(dev) for b in batches], [b.to(dev) for b in holdout]
     t0 = time.perf_counter()
-    combine = shared.combine if reduce else None
-    example, take = shared.shared_samples(batches, verify_samples) if reduce else \
-        (batches[0].head(1), verify_samples)
+    if calibrated is not None:
+        keeper.outputs = None
+    refs = keeper.refs(original, batches)
+    holdout_refs = _outputs(original, holdout)
+    example, take, combine = shared.plan(batches, verify_samples, reduce)
     example = example.to(dev)
-    verify = _first_samples(batches, take) + holdout
-    verifier = Verifier(original, verify, _outputs(original, verify), tolerance, approx_tolerance,
-                        combine)
+    verifier = Verifier(original, _first_samples(batches, take) + holdout,
+                        _heads(refs, batches, take) + holdout_refs, tolerance,
+                        approx_tolerance, combine)
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
                             target=target, capture=original.meta.get("egp_capture"))
     gm = structural_copy(original)
     unshare(gm)
+    timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None
     options = PassOptions(**target_options(target, channel_multiple),
-                          allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn)
+                          allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
+                          timings=timings)
     gm = _Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
-    if not share_weights:
-        own_tensors(gm, model)
     report.after = measure(gm, example)
-    report.max_error = output_error(gm, batches, _outputs(original, batches), combine)
+    report.max_error = output_error(gm, batches, refs, combine)
     if holdout_loader is not None:
-        report.holdout_error = output_error(gm, holdout, _outputs(original, holdout), combine,
-                                            "held-out error")
+        report.holdout_error = output_error(gm, holdout, holdout_refs, combine, "held-out error")
+    del refs, verifier        # the result gets its own copy of the weights last: the peak is
+    if not share_weights:     # that copy, not that copy plus a forward's activations
+        own_tensors(gm, model)
     report.seconds = time.perf_counter() - t0
     gm.meta[REPORT_META_KEY] = report
     gm.meta[ORIGINAL_META_KEY] = Transient(original)
     gm.meta[EXAMPLE_META_KEY] = example
+    make_picklable(gm, (REPORT_META_KEY, EXAMPLE_META_KEY, CAPTURE_META_KEY))
     log.info("compress: %s", report.summary().replace("\n", "; "))
     return gm

@@ -11,11 +11,10 @@ aten.matmul with an attribute weight into aten.linear). `layer_of(gm, node)` ret
   for call_module nodes, new attributes for function calls. Tensors are never changed in place,
   so a copy of the graph that shares them (egp_fx.copying) still holds the old values.
 
-`norm_of(gm, node)` is the same for eval-mode BatchNorm: its per-channel y = scale * x + shift.
+norm.py gives the same view of eval-mode BatchNorm; attrs.py the attribute helpers both use.
 """
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,66 +23,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .attrs import CAPTURE_META_KEY, add_attr, attr, module_path, set_attr
 from .ops import Role, arg, classify
 
 aten = torch.ops.aten
-CAPTURE_META_KEY = "egp_capture"
 
-
-def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
-    """The module a node belongs to, by dotted path in the user's model ('' for the top level)."""
-    if node.op == "call_module":
-        path = str(node.target)
-    elif node.op == "get_attr":
-        path = str(node.target).rpartition(".")[0]
-    else:
-        stack = node.meta.get("nn_module_stack") or {}
-        path = str(list(stack.values())[-1][0]) if stack else ""
-    prefix = gm.meta.get(CAPTURE_META_KEY).prefix if gm is not None and \
-        gm.meta.get(CAPTURE_META_KEY) is not None else ""
-    if prefix and (path + ".").startswith(prefix):
-        path = path[len(prefix):]
-    return path
-
-
-def attr(gm: fx.GraphModule, target: str):
-    return operator.attrgetter(target)(gm)
-
-
-def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Bind `value` at dotted path `target` (a parameter stays a parameter, a buffer a buffer)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    value = value.detach()
-    if name in owner._parameters or name not in owner._buffers:
-        old = owner._parameters.get(name)
-        owner._parameters.pop(name, None)
-        owner.__dict__.pop(name, None)
-        owner.register_parameter(name, nn.Parameter(
-            value, requires_grad=bool(old is not None and old.requires_grad)))
-    else:
-        owner.register_buffer(name, value)
-
-
-def free_name(gm: fx.GraphModule, base: str) -> str:
-    """A dotted path under gm, `base` or `base_1`, ... that nothing holds yet."""
-    owner_path, _, name = base.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    candidate, i = name, 0
-    while hasattr(owner, candidate):
-        i += 1
-        candidate = f"{name}_{i}"
-    return f"{owner_path}.{candidate}" if owner_path else candidate
-
-
-def add_attr(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Register `value` (a buffer) under a fresh name near `base`; return a get_attr node."""
-    target = free_name(gm, base)
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    owner.register_buffer(name, value.detach())
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(target)
+__all__ = ["CAPTURE_META_KEY", "Layer", "ShareIndex", "add_attr", "attr", "layer_of",
+           "module_path", "set_attr", "share_index"]
 
 
 def _plain(mod: nn.Module) -> bool:
@@ -165,14 +111,16 @@ class Layer:
 
     @property
     def stride(self) -> tuple[int, ...]:
-        return _tuple(self._geometry("stride", 3, 1), self.dims)
+        return () if self.is_linear else _tuple(self._geometry("stride", 3, 1), self.dims)
 
     @property
     def dilation(self) -> tuple[int, ...]:
-        return _tuple(self._geometry("dilation", 5, 1), self.dims)
+        return () if self.is_linear else _tuple(self._geometry("dilation", 5, 1), self.dims)
 
     @property
     def padding(self) -> tuple[int, ...] | str:
+        if self.is_linear:
+            return ()
         p = self._geometry("padding", 4, 0)
         return p if isinstance(p, str) else _tuple(p, self.dims)
 
@@ -213,6 +161,22 @@ class Layer:
             if index.reads[t.target] > 1:
                 return f"{t.target} is read elsewhere"
         return None
+
+    def shaped_like(self, out_channels: int | None = None, in_channels: int | None = None
+                    ) -> nn.Module:
+        """A standalone layer of this geometry with other widths and zero weights (for timing)."""
+        out_c = out_channels or self.out_channels
+        in_c = in_channels or self.in_channels
+        w = torch.zeros((out_c, in_c // self.groups, *self.kernel_size), dtype=self.weight.dtype,
+                        device=self.weight.device)
+        if self.is_linear:
+            new = nn.Linear(in_c, out_c, device="meta")
+        else:
+            new = _meta_conv(self.dims, w, True, stride=self.stride, padding=self.padding,
+                             dilation=self.dilation, groups=self.groups)
+        new.weight = nn.Parameter(w, requires_grad=False)
+        new.bias = nn.Parameter(w.new_zeros(out_c), requires_grad=False)
+        return new.eval()
 
     def as_module(self) -> nn.Module:
         """A standalone nn.Module computing this layer (sharing its tensors), for timing."""
@@ -341,68 +305,3 @@ def layer_of(gm: fx.GraphModule, node, modules: dict | None = None) -> Layer | N
     if isinstance(arg(node, 4, "padding", 0), str):
         return None
     return Layer(gm, node, op.kind, weight_node=w, bias_node=b)
-
-
-@dataclass
-class Norm:
-    """An eval-mode BatchNorm call: y = scale * x + shift per channel (dim 1)."""
-
-    gm: fx.GraphModule
-    node: fx.Node
-    module: nn.Module | None
-    tensors: dict                      # weight, bias, running_mean, running_var (or None)
-    eps: float
-
-    @property
-    def input(self) -> fx.Node:
-        return self.node.args[0]
-
-    @property
-    def path(self) -> str:
-        return module_path(self.node, self.gm)
-
-    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) per channel, in float64."""
-        t = {k: v.detach().double() if v is not None else None for k, v in self.tensors.items()}
-        var, mean = t["running_var"], t["running_mean"]
-        gamma = t["weight"] if t["weight"] is not None else torch.ones_like(var)
-        beta = t["bias"] if t["bias"] is not None else torch.zeros_like(var)
-        scale = gamma / torch.sqrt(var + self.eps)
-        return scale, beta - mean * scale
-
-    def param_count(self) -> int:
-        return sum(v.numel() for k, v in self.tensors.items()
-                   if v is not None and k in ("weight", "bias"))
-
-
-def norm_of(gm: fx.GraphModule, node, modules: dict | None = None) -> Norm | None:
-    """The Norm view of an eval-mode BatchNorm call, or None."""
-    if not isinstance(node, fx.Node):
-        return None
-    modules = modules if modules is not None else dict(gm.named_modules())
-    if classify(node, modules).role is not Role.NORM or not node.args \
-            or not isinstance(node.args[0], fx.Node):
-        return None
-    if node.op == "call_module":
-        bn = modules[node.target]
-        return Norm(gm, node, bn, {"weight": bn.weight, "bias": bn.bias,
-                                   "running_mean": bn.running_mean, "running_var": bn.running_var},
-                    float(bn.eps))
-    if node.target is F.batch_norm:   # (input, running_mean, running_var, weight, bias, training, momentum, eps)
-        names = {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}
-        eps = arg(node, 7, "eps", 1e-5)
-    else:                             # aten: (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
-        names = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
-        eps = arg(node, 7, "eps", 1e-5)
-    tensors = {}
-    for key, index in names.items():
-        a = arg(node, index, key)
-        if a is None:
-            tensors[key] = None
-        elif isinstance(a, fx.Node) and a.op == "get_attr":
-            tensors[key] = attr(gm, a.target)
-        else:
-            return None
-    if tensors["running_mean"] is None or tensors["running_var"] is None:
-        return None
-    return Norm(gm, node, None, tensors, float(eps))

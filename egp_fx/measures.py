@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .data import as_batch
 from .ops import Ops, Role
+from .shapes import real_run_is_cheap
 
 RUNNING_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 WEIGHTED = frozenset({Role.LAYER, Role.MATMUL})
@@ -55,13 +56,18 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_flops(module: nn.Module, example) -> int:
-    """FLOPs of one sample (`example`: a tensor or batch), counted on fake tensors (on two
-    samples, halved: see data.Batch.widen)."""
+    """FLOPs of one sample (`example`: a tensor or batch), counted on two samples and halved
+    (see data.Batch.widen), on real tensors when that is cheap, else on fake ones."""
     batch = as_batch(example).head(1).widen(2)
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = batch.map(mode.from_tensor)
-        with FlopCounterMode(display=False) as counter:
-            fake(module)
+    with torch.no_grad():
+        if real_run_is_cheap(module):
+            with FlopCounterMode(display=False) as counter:
+                batch(module)
+        else:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fake = batch.map(mode.from_tensor)
+                with FlopCounterMode(display=False) as counter:
+                    fake(module)
     return int(counter.get_total_flops()) // 2
 
 

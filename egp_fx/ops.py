@@ -4,16 +4,16 @@ Graphs reach egp_fx in two forms (see the README, "Two graph forms"): module lev
 torch.fx.symbolic_trace (`call_module` of nn.Conv2d, `F.relu`, `x.relu()`), and aten level, from
 torch.export (`aten.conv2d.default` with attribute weights, `aten.relu.default`). `classify`
 maps either to an Op: its Role, the activation kind or layer kind, and its parameters. Passes,
-calibration and measures ask this module instead of keeping op sets of their own; adding an
-activation kind or a pass-through op means adding it to the tables here (and, for a new
-activation kind, its regions to regions.py).
+calibration and measures ask this module instead of keeping op sets of their own; adding a
+pass-through or shape op means adding it to the tables here, and adding an activation kind
+means adding its entry to activations.py, which these tables read.
 
 Roles:
     LAYER         conv / linear (the Layer view in layer.py gives weight, bias and axes)
     MATMUL        a product of two activations (attention), counted as a weighted layer
     NORM          BatchNorm in eval mode: a per-channel affine map
     LAYER_NORM    LayerNorm / RMS-style normalisation over the last dim
-    ACTIVATION    kind one of regions.KINDS
+    ACTIVATION    kind one of activations.KINDS
     NONLINEAR     another nonlinearity (sigmoid, tanh, softmax, ...)
     IDENTITY      output equals input in eval mode (dropout, identity, alias, clone)
     POOL          pools over positions, keeps channels (max/avg/adaptive pooling)
@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from .activations import KINDS, kind_params
 
 aten = torch.ops.aten
 
@@ -76,24 +78,20 @@ IO = Op(Role.IO)
 
 # ----------------------------------------------------------------------------- tables
 
-_ACTIVATION_MODULES = (  # order matters: ReLU6 is a Hardtanh
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.LeakyReLU, "leaky_relu"), (nn.GELU, "gelu"),
-    (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"), (nn.Hardtanh, "hardtanh"),
-)
-_ACTIVATION_FUNCTIONS = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
-    aten.relu.default: "relu", aten.relu_.default: "relu",
-    F.relu6: "relu6",
-    F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh", aten.hardtanh.default: "hardtanh",
-    aten.hardtanh_.default: "hardtanh",
-    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", aten.leaky_relu.default: "leaky_relu",
-    aten.leaky_relu_.default: "leaky_relu",
-    F.gelu: "gelu", aten.gelu.default: "gelu", aten.gelu_.default: "gelu",
-    F.silu: "silu", aten.silu.default: "silu", aten.silu_.default: "silu",
-    F.hardswish: "hardswish", aten.hardswish.default: "hardswish",
-    aten.hardswish_.default: "hardswish",
-}
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
+_ACTIVATION_MODULES: tuple = ()
+_ACTIVATION_FUNCTIONS: dict = {}
+_ACTIVATION_METHODS: dict = {}
+
+
+def refresh_activation_tables() -> None:
+    """(Re)build the activation tables from activations.KINDS (activations.register calls it)."""
+    global _ACTIVATION_MODULES, _ACTIVATION_FUNCTIONS, _ACTIVATION_METHODS
+    _ACTIVATION_MODULES = tuple((cls, k.name) for k in KINDS.values() for cls in k.modules)
+    _ACTIVATION_FUNCTIONS = {f: k.name for k in KINDS.values() for f in k.functions}
+    _ACTIVATION_METHODS = {m: k.name for k in KINDS.values() for m in k.methods}
+
+
+refresh_activation_tables()
 
 _LAYER_MODULES = ((nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Linear, "linear"))
 _LAYER_FUNCTIONS = {F.conv1d: "conv", F.conv2d: "conv", aten.conv1d.default: "conv",
@@ -109,11 +107,10 @@ _NORM_FUNCTIONS = {F.batch_norm, aten.batch_norm.default}
 _LAYER_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm)
 _LAYER_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default}
 
-_NONLINEAR_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softmax, nn.ELU, nn.Mish, nn.Hardsigmoid)
+_NONLINEAR_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softmax, nn.ELU, nn.Mish)
 _NONLINEAR_FUNCTIONS = {torch.sigmoid, torch.tanh, F.softmax, torch.softmax, F.elu, F.mish,
-                        F.hardsigmoid, aten.sigmoid.default, aten.tanh.default,
-                        aten._softmax.default, aten.softmax.int, aten.elu.default,
-                        aten.mish.default, aten.hardsigmoid.default}
+                        aten.sigmoid.default, aten.tanh.default, aten._softmax.default,
+                        aten.softmax.int, aten.elu.default, aten.mish.default}
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _IDENTITY_MODULE_NAMES = {"DropPath", "Identity"}     # timm's and others' eval-mode no-ops
@@ -144,7 +141,7 @@ _ARITHMETIC = {
 _ARITHMETIC_METHODS = {"add": Role.ADD, "add_": Role.ADD, "sub": Role.SUB, "mul": Role.MUL,
                        "mul_": Role.MUL, "div": Role.DIV}
 
-ACTIVATION_KINDS = ("relu", "relu6", "hardtanh", "leaky_relu", "gelu", "silu", "hardswish")
+ACTIVATION_KINDS = tuple(KINDS)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -154,20 +151,6 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
-
-
-def _activation_params(kind: str, node: fx.Node, mod: nn.Module | None) -> tuple[str, dict]:
-    if kind == "hardtanh":
-        lo = float(mod.min_val) if mod is not None else float(arg(node, 1, "min_val", -1.0))
-        hi = float(mod.max_val) if mod is not None else float(arg(node, 2, "max_val", 1.0))
-        return ("relu6", {}) if (lo, hi) == (0.0, 6.0) else ("hardtanh", {"lo": lo, "hi": hi})
-    if kind == "leaky_relu":
-        slope = mod.negative_slope if mod is not None else arg(node, 1, "negative_slope", 0.01)
-        return kind, {"slope": float(slope)}
-    if kind == "gelu":
-        approx = mod.approximate if mod is not None else arg(node, 1, "approximate", "none")
-        return kind, {"approximate": str(approx)}
-    return kind, {}
 
 
 def _module_op(mod: nn.Module) -> Op:
@@ -256,7 +239,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
 def _refine(op: Op, node: fx.Node, mod: nn.Module | None) -> Op:
     """Settle what the target alone does not say (arguments, training flags)."""
     if op.role is Role.ACTIVATION:
-        kind, params = _activation_params(op.kind, node, mod)
+        kind, params = kind_params(op.kind, node, mod)
         return Op(Role.ACTIVATION, kind, params)
     if op.role is Role.IDENTITY and node.op == "call_function" and node.target in (
             F.dropout, aten.dropout.default):

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch.fx as fx
 
 from .measures import Totals
+from .pickling import pickled_meta
 from .passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
 
 REPORT_META_KEY = "egp_report"
@@ -116,13 +117,14 @@ class CompressReport:
 
     def summary(self) -> str:
         b, a = self.before, self.after or self.before
+        w = max(14, len(f"{max(b.flops, b.params):,}") + 2)
         lines = [
-            f"{'':22}{'before':>14}{'after':>14}",
-            f"{'params':22}{b.params:>14,}{a.params:>14,}",
-            f"{'FLOPs':22}{b.flops:>14,}{a.flops:>14,}",
-            f"{'conv/linear depth':22}{b.weighted_depth:>14}{a.weighted_depth:>14}",
-            f"{'nonlinear depth':22}{b.nonlinear_depth:>14}{a.nonlinear_depth:>14}",
-            f"{'graph nodes':22}{b.nodes:>14}{a.nodes:>14}",
+            f"{'':22}{'before':>{w}}{'after':>{w}}",
+            f"{'params':22}{b.params:>{w},}{a.params:>{w},}",
+            f"{'FLOPs':22}{b.flops:>{w},}{a.flops:>{w},}",
+            f"{'conv/linear depth':22}{b.weighted_depth:>{w}}{a.weighted_depth:>{w}}",
+            f"{'nonlinear depth':22}{b.nonlinear_depth:>{w}}{a.nonlinear_depth:>{w}}",
+            f"{'graph nodes':22}{b.nodes:>{w}}{a.nodes:>{w}}",
             f"rewrites applied: {len(self.applied)}, rolled back: {len(self.rolled_back)}, "
             f"refused: {len(self.refusals)}; max relative output error {self.max_error:.2e} "
             f"(tolerance {self.tolerance:.0e})",
@@ -148,8 +150,9 @@ def _json_safe(value):
 
 
 def report_of(gm: fx.GraphModule) -> CompressReport:
-    """The CompressReport of a module returned by compress()."""
-    try:
-        return gm.meta[REPORT_META_KEY]
-    except (AttributeError, KeyError):
-        raise KeyError("this module carries no egp_fx report: it was not returned by compress()") from None
+    """The CompressReport of a module returned by compress() (also after torch.save/torch.load,
+    see egp_fx.pickling)."""
+    report = getattr(gm, "meta", {}).get(REPORT_META_KEY) or pickled_meta(gm).get(REPORT_META_KEY)
+    if report is None:
+        raise KeyError("this module carries no egp_fx report: it was not returned by compress()")
+    return report

@@ -1,6 +1,6 @@
 """Per-channel region statistics of one activation call, and the EGP entropies.
 
-For channel c of a call with pre-activation z (EGP.md):
+For channel c of a call with pre-activation z (as the EGP reference code computes them):
 
     p_c = #(z > 0) / n                     (n = samples * positions seen by channel c)
     H_c = -(p log2 p + (1-p) log2 (1-p)),  p clamped to [1e-5, 1 - 1e-5]

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch.fx as fx
 
-from .layer import module_path
+from .attrs import module_path
 from .stats import EGP_META_KEY, ActivationStats
 
 

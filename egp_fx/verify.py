@@ -35,27 +35,40 @@ class Mismatch:
     reason: str
 
 
+CHUNK = 1 << 20     # elements compared at a time: language-model logits are large
+
+
 def _finite_diff(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float] | Mismatch:
-    """(max |out - ref| over finite entries, max |ref| over finite entries), or a Mismatch."""
+    """(max |out - ref| over finite entries, max |ref| over finite entries), or a Mismatch.
+
+    Compared in float64, a chunk of CHUNK elements at a time, so that the check of a large
+    output costs a few MB, not several copies of it."""
     if out.shape != ref.shape:
         return Mismatch(f"shape {tuple(out.shape)} instead of {tuple(ref.shape)}")
     if not (out.is_floating_point() or out.is_complex()):
         return (0.0, 0.0) if torch.equal(out, ref.to(out.dtype)) else Mismatch("integer output differs")
-    o, r = out.detach().double(), ref.detach().double()
-    ref_ok, out_ok = torch.isfinite(r), torch.isfinite(o)
-    if not bool(torch.equal(ref_ok, out_ok)):
-        bad = int((out_ok != ref_ok).sum())
-        return Mismatch(f"{bad} NaN/Inf value(s) where the reference has "
-                        f"{'finite values' if bool((~out_ok & ref_ok).any()) else 'NaN/Inf'}")
-    if not bool(ref_ok.all()):
-        same = (torch.isnan(o) & torch.isnan(r)) | (o == r)  # infinities must match in sign
-        if not bool(same[~ref_ok].all()):
-            return Mismatch("NaN/Inf values differ from the reference's")
-    if not bool(ref_ok.any()):
-        return 0.0, 0.0
-    diff = float((o - r).abs()[ref_ok].max())
-    scale = float(r.abs()[ref_ok].max())
-    return diff, scale
+    o_all, r_all = out.detach().reshape(-1), ref.detach().reshape(-1)
+    worst = scale = 0.0
+    for start in range(0, o_all.numel(), CHUNK):
+        o = o_all[start:start + CHUNK].double()
+        r = r_all[start:start + CHUNK].double()
+        ref_ok, out_ok = torch.isfinite(r), torch.isfinite(o)
+        if not bool(torch.equal(ref_ok, out_ok)):
+            bad = int((out_ok != ref_ok).sum())
+            return Mismatch(f"{bad} NaN/Inf value(s) where the reference has "
+                            f"{'finite values' if bool((~out_ok & ref_ok).any()) else 'NaN/Inf'}")
+        if not bool(ref_ok.all()):
+            same = (torch.isnan(o) & torch.isnan(r)) | (o == r)  # infinities must match in sign
+            if not bool(same[~ref_ok].all()):
+                return Mismatch("NaN/Inf values differ from the reference's")
+            o, r = o[ref_ok], r[ref_ok]
+        if r.numel():
+            d, m = float((o - r).abs().max()), float(r.abs().max())
+            if d > worst:
+                worst = d
+            if m > scale:
+                scale = m
+    return worst, scale
 
 
 def compare(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, float] | Mismatch:

@@ -107,7 +107,7 @@ def test_markdown_table(result):
     text = result.to_markdown()
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 2 + len(result.rows)  # header, separator, one line per row
-    assert all(line.count("|") == 11 for line in table)
+    assert all(line.count("|") == 12 for line in table)
     assert "| compressed | ort-cpu | opt-all | 3 |" in text
     assert "ort-cuda" in text.split("Skipped:")[1]
     assert result.environment["cpu_model"] in text
@@ -178,7 +178,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.slow
-def test_gpu_script_dry_run_on_cpu(tmp_path):
+def test_gpu_script_quick_run_on_cpu(tmp_path):
     """benchmarks/gpu_bench.py end to end, tiny sizes: the GPU run is one shot, keep it sound."""
     import subprocess
     import sys
@@ -186,14 +186,23 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "benchmarks/gpu_bench.py", str(tmp_path), "--device", "cpu",
-                    "--dry-run"], check=True, cwd=root, capture_output=True)
+                    "--quick"], check=True, cwd=root, capture_output=True)
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert data["failed"] == []
+    assert data["failed"] == [] and data["not_run"] == []
     assert [run["case"] for run in data["runs"]] == ["resnet18-k2", "vit-linear"]
     for run in data["runs"]:
-        assert {r["variant"] for r in run["rows"]} == {"fp32"}
+        assert {r["variant"] for r in run["rows"]} == {"fp32", "fp32+compile"}
         assert {r["batch_size"] for r in run["rows"]} == {1, 2}
-    assert "| compressed | torch-cpu | fp32 | 2 |" in (tmp_path / "gpu_bench.md").read_text()
+        assert {r["baseline"] for r in run["rows"]} <= {
+            "original: BatchNorm folded (torch.fx fuse)",
+            "original: BatchNorm folded (torch.fx fuse); torch.compile(mode=None, dynamic=False)",
+            "original: as given (no BatchNorm)",
+            "original: as given (no BatchNorm); torch.compile(mode=None, dynamic=False)"}
+    assert {r["model"] for r in data["runs"][0]["rows"]} == {"original", "compressed", "oracle"}
+    text = (tmp_path / "gpu_bench.md").read_text()
+    assert "| compressed | torch-cpu | fp32 | 2 |" in text
+    assert "| resnet18-k2 | fp32+compile | 2 |" in text
+    assert "Baseline of every speedup: the original with its BatchNorm folded" in text
 
 
 CALLS: list[str] = []
@@ -225,3 +234,177 @@ def test_models_are_timed_round_robin_in_every_cell():
     assert set(before) == {"a", "b", "c"} and len(set(before.values())) == 1
     for cell in (calls[:per_cell], calls[per_cell:]):
         assert cell == ["a", "b", "c"] * (per_cell // 3)
+
+
+# ----------------------------------------------------------------------------- fair baselines
+
+def with_bn() -> nn.Module:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _bn_calls(module: nn.Module) -> int:
+    gm = fx.symbolic_trace(module)
+    mods = dict(gm.named_modules())
+    return sum(1 for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(mods[n.target], nn.BatchNorm2d))
+
+
+def test_deployable_folds_batchnorm_on_a_copy():
+    from egp_fx.bench import deployable
+
+    model = with_bn().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    deployed, how = deployable(model)
+    assert how == "BatchNorm folded (torch.fx fuse)"
+    assert _bn_calls(deployed) == 0 and _bn_calls(model) == 2
+    assert model.training and not deployed.training          # the caller's model untouched
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if float(y.sum()) > 0 else -y      # control flow on a tensor value
+
+
+def test_deployable_says_when_it_cannot_fold():
+    from egp_fx.bench import deployable
+
+    deployed, how = deployable(Untraceable())
+    assert how.startswith("as given (BatchNorm not folded: torch.fx cannot trace it")
+    assert isinstance(deployed.bn, nn.BatchNorm2d)
+    assert deployable(tiny())[1] == "as given (no BatchNorm)"
+    assert deployable(with_bn(), fold_batchnorm=False)[1] == \
+        "as given (BatchNorm not folded: fold_batchnorm=False)"
+
+
+def test_torch_rows_name_their_baseline_with_batchnorm_folded():
+    res = benchmark({"original": with_bn(), "compressed": tiny()}, torch.randn(1, 3, 16, 16),
+                    backends=("torch-cpu", "ort-cpu"), torch_variants=("fp32",), repeats=1,
+                    warmup=0, threads=1)
+    torch_rows = [r for r in res.rows if r.backend == "torch-cpu"]
+    assert [r.prepared for r in torch_rows] == ["BatchNorm folded (torch.fx fuse)",
+                                                "as given (no BatchNorm)"]
+    assert {r.baseline for r in torch_rows} == {"original: BatchNorm folded (torch.fx fuse)"}
+    ort_rows = [r for r in res.rows if r.backend == "ort-cpu"]
+    assert {r.baseline for r in ort_rows} == \
+        {"original: ONNX (torchscript exporter), ORT graph optimisation 'all'"}
+    text = res.to_markdown()
+    assert "| 1.000x | original: BatchNorm folded (torch.fx fuse) |" in text
+    assert "- original on torch-cpu fp32: BatchNorm folded (torch.fx fuse)" in text
+    unfolded = benchmark({"original": with_bn()}, torch.randn(1, 3, 16, 16),
+                         backends=("torch-cpu",), torch_variants=("fp32",), repeats=1, warmup=0,
+                         fold_batchnorm=False)
+    assert unfolded.rows[0].prepared == "as given (BatchNorm not folded: fold_batchnorm=False)"
+
+
+def test_compile_variant_runs_every_model():
+    res = benchmark({"a": nn.Linear(4, 4), "b": nn.Sequential(nn.Linear(4, 4), nn.ReLU())},
+                    torch.randn(1, 4), backends=("torch-cpu",), torch_variants=("fp32+compile",),
+                    repeats=2, warmup=1, threads=1)
+    assert not res.skipped, res.skipped
+    assert [(r.model, r.variant) for r in res.rows] == [("a", "fp32+compile"),
+                                                        ("b", "fp32+compile")]
+    assert all(r.prepared.endswith("torch.compile(mode=None, dynamic=False)") for r in res.rows)
+
+
+# ----------------------------------------------------------------------------- token inputs
+
+class Tokens(nn.Module):
+    """A model called with keyword token inputs, as Hugging Face models are."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        h = h * attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.out(h.mean(1))
+
+
+def test_dict_token_batches_on_every_backend():
+    example = {"attention_mask": torch.ones(1, 6, dtype=torch.long),   # not forward()'s order
+               "input_ids": torch.randint(0, 50, (1, 6))}
+    res = benchmark({"tok": Tokens()}, example, batch_sizes=(1, 3),
+                    backends=("ort-cpu", "torch-cpu"), torch_variants=("fp32", "fp16"),
+                    repeats=1, warmup=0)
+    assert not res.skipped, res.skipped
+    assert {(r.backend, r.variant, r.batch_size) for r in res.rows} == {
+        (b, v, n) for b, v in (("ort-cpu", "opt-all"), ("torch-cpu", "fp32"),
+                               ("torch-cpu", "fp16")) for n in (1, 3)}
+
+
+def test_ort_feeds_inputs_by_name():
+    from egp_fx.bench.ort_backend import ort_feed
+    from egp_fx.data import Batch
+
+    class Session:
+        def __init__(self, names):
+            self.names = names
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": n})() for n in self.names]
+
+    a, b = torch.zeros(1, 2), torch.ones(1, 3)
+    feed = ort_feed(Session(["b", "a"]), Batch((), {"a": a, "b": b}))
+    assert list(feed) == ["b", "a"] and feed["b"].shape == (1, 3) and feed["a"].shape == (1, 2)
+    feed = ort_feed(Session(["x", "y"]), Batch((a, b)))
+    assert feed["x"].shape == (1, 2) and feed["y"].shape == (1, 3)
+    with pytest.raises(ValueError, match=r"inputs \['c'\] are not in the batch"):
+        ort_feed(Session(["a", "c"]), Batch((), {"a": a, "b": b}))
+    with pytest.raises(ValueError, match="takes 1 inputs, the batch has 2"):
+        ort_feed(Session(["x"]), Batch((a, b)))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@pytest.fixture
+def doubled_backend():
+    """A backend registered by one class (and unregistered afterwards)."""
+    from egp_fx.bench import BACKENDS, Backend, Prepared, register_backend
+
+    @register_backend
+    class Doubled(Backend):
+        name = "doubled"
+
+        def variants(self):
+            return ("twice",)
+
+        def prepare(self, name, model, variant):
+            return Prepared(model, "called twice per timed call")
+
+        def runner(self, prepared, batch):
+            return lambda: (batch(prepared.handle), batch(prepared.handle))
+
+    yield Doubled
+    del BACKENDS["doubled"]
+
+
+def test_a_backend_is_one_registered_class(doubled_backend):
+    CALLS.clear()
+    res = benchmark({"a": _Recorder("a")}, torch.randn(1, 4), backends=("doubled",), repeats=3,
+                    warmup=1)
+    assert [(r.backend, r.variant, r.prepared) for r in res.rows] == \
+        [("doubled", "twice", "called twice per timed call")]
+    assert CALLS[-2 * (1 + 1 + 3):] == ["a"] * 10   # probe, warm-up, repeats; two calls each
+    with pytest.raises(ValueError, match="doubled"):   # the error lists the registered names
+        benchmark({"m": tiny()}, torch.randn(1, 3, 8, 8), backends=("tpu",))

@@ -71,12 +71,23 @@ def test_compress_json_reports_the_planted_decisions(compress_out):
 def test_compress_out_dir_holds_report_html_and_a_faithful_onnx(compress_out):
     import onnxruntime as ort
     code, res, _, out = compress_out
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
-    assert set(res["files"]) == {"model.onnx", "report.html", "report.json"}
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt2", "report.html",
+                                                     "report.json"]
+    assert set(res["files"]) == {"model.onnx", "model.pt2", "report.html", "report.json"}
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 16, 16)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), planted_net()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compress_out_dir_holds_a_loadable_program_with_its_report(compress_out):
+    import egp_fx
+    _, res, _, out = compress_out
+    module, report = egp_fx.load(out / "model.pt2")
+    assert report == res["report"]
+    x = torch.randn(3, 3, 16, 16)                    # saved at batch 1, dynamic batch
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), planted_net()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_report_json_table_and_diff_agree_with_the_compress_report(compress_out):

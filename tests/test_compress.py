@@ -414,5 +414,7 @@ class _Leakyless(nn.Module):
 def test_unknown_pass_and_bad_cost_model():
     with pytest.raises(CompressError, match="unknown pass"):
         egp_fx.compress(_two3x3(), [torch.rand(1, 4, 8, 8)], passes=("nope",), progress=False)
-    with pytest.raises(CompressError, match="latency"):
-        egp_fx.compress(_two3x3(), [torch.rand(1, 4, 8, 8)], cost="latency", progress=False)
+    with pytest.raises(CompressError, match="cost must be 'flops' or 'latency'"):
+        egp_fx.compress(_two3x3(), [torch.rand(1, 4, 8, 8)], cost="time", progress=False)
+    with pytest.raises(CompressError, match="unknown target"):
+        egp_fx.compress(_two3x3(), [torch.rand(1, 4, 8, 8)], target="tpu", progress=False)

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import egp_fx
 from egp_fx.data import Batch
+from egp_fx.latency import WidthTable
 from egp_fx.passes import drive, fold_affine, fold_residual, run_pass
 from egp_fx.passes.base import PassContext, PassOptions, Rewrite
 from egp_fx.passes.fold_common import fold_to_fixpoint
@@ -35,6 +36,8 @@ def _fold(model, x, rule=None, allow=None, **options):
     gm = egp_fx.trace(model)
     with torch.no_grad():
         ref = gm(x)
+    if options.get("cost") == "latency":
+        options["timings"] = WidthTable(options["latency_fn"])
     ctx = PassContext(Batch((x,)), PassOptions(**options))
     if rule is None:
         out = run_pass("fold_linear", gm, ctx, allow=allow)

@@ -252,3 +252,27 @@ def test_cleanup_removes_eval_noops_and_dead_code():
     assert [r.kind for r in out.rewrites] == ["drop_noop", "drop_noop"]
     assert calls(gm, nn.Dropout) == calls(gm, nn.Identity) == 0
     assert_exact(gm, X, ref)
+
+
+# --------------------------------------------------------------------------- shapes kept valid
+
+def test_passes_keep_every_shape_they_change():
+    """Shapes are propagated once per compress; after all passes, the shapes each node carries
+    equal a fresh propagation on the final graph."""
+    from egp_fx.report import EXAMPLE_META_KEY
+    from egp_fx.shapes import propagate, shape_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 8),
+                          nn.ReLU6(), nn.Linear(8, 4)).eval()
+    _planted(model[0], list(range(20)), -1.0)           # 20 dead: narrowed to a multiple of 16
+    _near(model[3], list(range(32)), 3.0)               # every unit linear: folds into the 1x1
+    x = torch.randn(4, 3, 8, 8)
+    gm = egp_fx.compress(model, [x], progress=False)
+    kinds = {r.kind for r in egp_fx.report_of(gm).applied}
+    assert {"narrow_channels", "linearise", "fold_bn"} <= kinds
+    kept = {n.name: shape_of(n) for n in gm.graph.nodes if n.op != "output"}
+    propagate(gm, gm.meta[EXAMPLE_META_KEY])
+    fresh = {n.name: shape_of(n) for n in gm.graph.nodes if n.op != "output"}
+    assert kept == fresh

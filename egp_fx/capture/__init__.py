@@ -25,7 +25,7 @@ from torch import nn
 from ..copying import structural_copy
 from ..data import Batch
 from ..errors import CalibrationError, TraceError
-from ..layer import CAPTURE_META_KEY
+from ..attrs import CAPTURE_META_KEY
 from ..shapes import failing_node
 from ..verify import ErrorMeter, tensor_leaves
 from .canonical import canonical_modules, canonicalise

@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from torch import nn
 
-from ..layer import attr, set_attr
+from ..attrs import attr, set_attr
 
 aten = torch.ops.aten
 _KEEP_META = ("nn_module_stack", "stack_trace")

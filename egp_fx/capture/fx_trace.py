@@ -46,6 +46,12 @@ def _timm_functions() -> dict[Callable, str]:
     return {f: reason for f in timm_fx.get_notrace_functions() if callable(f)}
 
 
+def _activation_modules() -> tuple[type, ...]:
+    from ..activations import KINDS  # noqa: PLC0415
+
+    return tuple(cls for k in KINDS.values() for cls in k.modules)
+
+
 class Tracer(fx.Tracer):
     """fx.Tracer with leaf and wrapped-function registries; records where tracing failed.
 
@@ -61,6 +67,8 @@ class Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if isinstance(m, _activation_modules()):   # one call egp_fx can classify
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -18,6 +18,8 @@ A rank whose verification part is empty still takes part in every combination (w
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..data import Batch
 from ..verify import ErrorMeter
 from .comm import exchange
@@ -44,3 +46,13 @@ def combine(meter: ErrorMeter, step: str) -> ErrorMeter:
     out.reason = next((f"{why} (rank {r})" for r, (_, _, why) in enumerate(got) if why is not None),
                       None)
     return out
+
+
+def plan(batches: list[Batch], verify_samples: int | None, active: bool
+         ) -> tuple[Batch, int | None, Callable[[ErrorMeter, str], ErrorMeter] | None]:
+    """(example, samples of this rank's batches to verify on, how to combine meters) for
+    compress; one process: its first sample, verify_samples, no combining."""
+    if not active:
+        return batches[0].head(1), verify_samples, None
+    example, take = shared_samples(batches, verify_samples)
+    return example, take, combine

@@ -15,7 +15,8 @@
    support (opset.py);
 4. runs onnx.checker, then onnxruntime on the example, on the example doubled along the batch
    axis and, with a dynamic sequence, on a shorter sequence; each output must match torch to
-   `tolerance` relative to its own scale (parity.py);
+   `tolerance` relative to its own scale, or to 10x torch's own float32 rounding noise on it
+   where that is larger (parity.py);
 5. on any failure tries the next exporter; when none succeeds the file is deleted and
    ExportError says why for each exporter, naming an unsupported operator and the fx node or
    module that calls it (diagnose.py).
@@ -39,7 +40,7 @@ from torch import nn
 from ..copying import moved, structural_copy
 from ..data import Batch, as_batch
 from ..errors import ExportError
-from ..layer import CAPTURE_META_KEY
+from ..attrs import CAPTURE_META_KEY
 from ..verify import tensor_leaves
 from .diagnose import failure_message, summarise
 from .opset import default_opset
@@ -62,6 +63,7 @@ class ExportResult:
     max_rel_err: float | None         # per output: max |ort - torch| / max |torch|; the largest
     max_elementwise_rel_err: float | None = None
     tolerance: float = DEFAULT_TOLERANCE
+    float32_noise: float | None = None   # torch's own float32 noise, when the check needed it
     seconds: float = 0.0              # wall time of export + checks
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -197,6 +199,15 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: Any, *,
         with torch.no_grad():
             return tensor_leaves(b(model))
 
+    exact: list[nn.Module] = []
+
+    def reference64(b: Batch) -> list[torch.Tensor]:
+        """The module in float64 (a copy made on first use), for parity's noise floor."""
+        if not exact:
+            exact.append(moved(structural_copy(model), dtype=torch.float64).eval())
+        with torch.no_grad():
+            return tensor_leaves(b.to(dtype=torch.float64)(exact[0]))
+
     failures: dict[str, str] = {}
     for exporter in exporters or _exporters(module, batch):
         start = time.perf_counter()
@@ -205,7 +216,8 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: Any, *,
         try:
             _export(model, path, batch, names, outs, out_dims, exporter, chosen, dynamic_batch,
                     dynamic_sequence)
-            parity = check_parity(path, reference, checks, names, tolerance) if check else None
+            parity = check_parity(path, reference, checks, names, tolerance,
+                                  reference64) if check else None
         except Exception as exc:  # any exporter/checker failure: record it, try the next one
             path.unlink(missing_ok=True)
             failures[exporter] = summarise(exc)
@@ -215,6 +227,7 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: Any, *,
                               parity.max_abs_err if parity else None,
                               parity.max_rel_err if parity else None,
                               parity.max_elementwise_rel_err if parity else None, tolerance,
+                              parity.float32_noise if parity else None,
                               time.perf_counter() - start, names, outs)
         log.info("exported %s (opset %d, %s, %.2fs): max abs err %s, relative to the output "
                  "scale %s", path, chosen, exporter, result.seconds, result.max_abs_err,

@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from ..layer import CAPTURE_META_KEY
+from ..attrs import CAPTURE_META_KEY
 from ..measures import WEIGHTED
 from ..ops import Ops
 

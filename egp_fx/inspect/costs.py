@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..copying import device_of
 from ..data import as_batch
 from ..measures import RUNNING_STATS as _RUNNING_STATS
 from ..shapes import flat_args
@@ -74,7 +75,7 @@ class _CostInterpreter(fx.Interpreter):
 def node_costs(gm: fx.GraphModule, example) -> dict[str, NodeCost]:
     """Node name -> NodeCost, from one run of `gm` on the first sample of `example` (a tensor or
     a batch)."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    device = device_of(gm)
     batch = as_batch(example).head(1).to(device)
     interp = _CostInterpreter(gm)
     with torch.no_grad():

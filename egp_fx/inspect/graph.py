@@ -21,7 +21,7 @@ from pathlib import Path
 import networkx as nx
 import torch.fx as fx
 
-from ..layer import module_path
+from ..attrs import module_path
 from ..measures import NONLINEAR, WEIGHTED
 from ..ops import Ops, Role
 from ..stats import EGP_META_KEY, ActivationStats

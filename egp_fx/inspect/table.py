@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.fx as fx
 
-from ..layer import module_path
+from ..attrs import module_path
 from ..passes.base import Decision, DecisionKind
 from ..report import CompressReport
 from ..stats import EGP_META_KEY, ActivationStats

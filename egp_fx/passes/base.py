@@ -26,6 +26,9 @@ from ..ops import Ops
 from ..shapes import propagate
 
 
+SHAPES_VALID = "egp_shapes_valid"
+
+
 class Status(str, enum.Enum):
     APPLIED = "applied"
     ROLLED_BACK = "rolled back"
@@ -108,6 +111,11 @@ class PassOptions:
     allow_approximate: bool = False
     cost: str = "flops"                 # "flops" or "latency"
     latency_fn: Callable | None = None  # (nn.Module, input) -> seconds, for cost="latency"
+    timings: object = None              # latency.WidthTable: cached timings, cost="latency"
+
+    @property
+    def by_latency(self) -> bool:
+        return self.cost == "latency" and self.timings is not None
 
 
 @dataclass
@@ -117,10 +125,15 @@ class PassContext:
     ops: Ops | None = None              # the classifier of the graph being rewritten
 
     def begin(self, gm: fx.GraphModule, shapes: bool) -> None:
-        """Prepare for a pass over gm: the op table, and shapes when the pass reads them."""
+        """Prepare for a pass over gm: the op table, and shapes when the pass reads them.
+
+        Shapes are propagated once; passes keep them valid (a narrowing updates the shapes it
+        changes, a new node gets the metadata of the node it stands for). A pass that cannot
+        drops the mark (SHAPES_VALID), and the next pass that needs shapes propagates again."""
         self.ops = Ops(gm)
-        if shapes:
+        if shapes and not gm.meta.get(SHAPES_VALID):
             propagate(gm, self.example)
+            gm.meta[SHAPES_VALID] = True
 
 
 class PassOutcome(NamedTuple):

@@ -10,7 +10,7 @@ import functools
 
 import torch.fx as fx
 
-from ..layer import module_path
+from ..attrs import module_path
 from ..ops import Role, main_input
 from . import register
 from .base import Candidate, PassContext, PassRun, Rewrite

@@ -33,22 +33,20 @@ goes. A BasicBlock whose first ReLU is dead thus loses both convs, its add and i
 from __future__ import annotations
 
 import functools
-import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from ..layer import attr, layer_of, module_path, norm_of, set_attr
+from .. import activations
+from ..attrs import attr, module_path, set_attr
+from ..layer import layer_of
 from ..ops import ARITHMETIC, Role, main_input
-from ..regions import NONNEGATIVE_KINDS, region_spec
 from ..shapes import dtype_of, shape_of
 from ..stats import EGP_META_KEY, ActivationStats
 from . import register
 from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
-from .util import ROUNDING, arithmetic, bias_rounding, constant, layer_params
+from .constant_values import Const, compact, evaluate, full
+from .util import arithmetic, bias_rounding, constant, layer_params
 
 NAME = "constants"
 _PER_SAMPLE = frozenset({Role.LAYER, Role.NORM, Role.ACTIVATION, Role.NONLINEAR,
@@ -56,23 +54,7 @@ _PER_SAMPLE = frozenset({Role.LAYER, Role.NORM, Role.ACTIVATION, Role.NONLINEAR,
 _BROADCAST = frozenset({Role.ADD, Role.SUB, Role.MUL})
 
 
-@dataclass
-class _Const:
-    """A constant's value (float64, batch of one) and the bound on its float32 rounding error."""
-
-    value: torch.Tensor
-    bound: torch.Tensor
-
-
-def _full(per_channel: torch.Tensor, shape, channel_dim: int) -> torch.Tensor:
-    """A batch-1 float64 tensor of `shape` holding per_channel along channel_dim."""
-    shape = (1, *shape[1:])
-    view = [1] * len(shape)
-    view[channel_dim % len(shape)] = -1
-    return per_channel.double().view(view).expand(shape).clone()
-
-
-def _seed(gm, node: fx.Node, ctx) -> tuple[_Const | None, str]:
+def _seed(gm, node: fx.Node, ctx) -> tuple[Const | None, str]:
     shape = shape_of(node)
     if shape is None:
         return None, ""
@@ -80,16 +62,16 @@ def _seed(gm, node: fx.Node, ctx) -> tuple[_Const | None, str]:
     if isinstance(st, ActivationStats):
         affine = st.channel_affine()
         if all(a is not None and a.is_constant for a in affine):
-            k = _full(torch.tensor([a.offset for a in affine]), shape, st.channel_dim)
+            k = full(torch.tensor([a.offset for a in affine]), shape, st.channel_dim)
             what = "all channels dead" if not bool(k.any()) else "all channels constant"
-            return _Const(k, torch.zeros_like(k)), what
+            return Const(k, torch.zeros_like(k)), what
     layer = layer_of(gm, node, ctx.ops.modules)
     if layer is not None and not bool(layer.weight.any()):
         n = layer.out_channels
         b = layer.bias.detach().double().cpu() if layer.bias is not None else torch.zeros(n, dtype=torch.float64)
         e = bias_rounding(gm, layer)
         e = e if e is not None else torch.zeros(n, dtype=torch.float64)
-        return _Const(_full(b, shape, layer.out_axis), _full(e, shape, layer.out_axis)), \
+        return Const(full(b, shape, layer.out_axis), full(e, shape, layer.out_axis)), \
             "all weights zero (collapsed layer)"
     return None, ""
 
@@ -114,120 +96,12 @@ def _closure(gm, seed: fx.Node, ctx, index: dict) -> tuple[list[fx.Node], str | 
     return sorted(order, key=index.__getitem__), None
 
 
-def _value(gm, a, env: dict):
-    if isinstance(a, fx.Node):
-        if a in env:
-            return env[a].value
-        v = attr(gm, a.target)
-        return v.detach().to("cpu", torch.float64, copy=True) \
-            if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-    return a
-
-
-def _same_op(gm, node: fx.Node, env: dict, field: str):
-    """Run node's op on the `field` ("value" or "bound") of its constant inputs (float64)."""
-    def load(a):   # a copy: an in-place op (ReLU(inplace=True)) must not change env's values
-        if isinstance(a, fx.Node) and a in env:
-            return getattr(env[a], field).clone()
-        return _value(gm, a, env)
-
-    args = fx.node.map_aggregate(node.args, load)
-    kwargs = fx.node.map_aggregate(node.kwargs, load)
-    with torch.no_grad():
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            params = {k: v.detach().double().cpu() if v.is_floating_point() else v
-                      for k, v in {**dict(mod.named_parameters()), **dict(mod.named_buffers())}.items()}
-            return functional_call(mod, params, tuple(args), kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-
-
-def _layer_const(layer, x: _Const, e_bias) -> _Const:
-    w = layer.weight.detach().double().cpu()
-    b = layer.bias.detach().double().cpu() if layer.bias is not None else None
-    if layer.is_linear:
-        run = F.linear
-    else:
-        conv = F.conv1d if layer.dims == 1 else F.conv2d
-        geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
-                    "groups": layer.groups}
-        run = lambda t, w_, b_: conv(t, w_, b_, **geometry)  # noqa: E731
-    value = run(x.value, w, b)
-    n = w[0].numel()
-    bound = run(x.bound + n * ROUNDING * x.value.abs(), w.abs(), e_bias) + ROUNDING * value.abs()
-    return _Const(value, bound)
-
-
-def _norm_const(norm, x: _Const) -> _Const:
-    s, t = norm.scale_shift()
-    view = [1, -1] + [1] * (x.value.dim() - 2)
-    s, t = s.view(view), t.view(view)
-    beta = norm.tensors["bias"]
-    terms = (norm.tensors["running_mean"].detach().double().cpu() * norm.scale_shift()[0]).abs() + (
-        beta.detach().double().cpu().abs() if beta is not None else 0.0)
-    return _Const(x.value * s + t,
-                  x.bound * s.abs() + 3 * ROUNDING * ((x.value * s).abs() + terms.view(view)))
-
-
-def _activation_bound(spec, x: _Const) -> torch.Tensor:
-    """Lipschitz <= 1.2 for every supported activation, and no error at all where the input's
-    whole error interval lies in a region the activation maps to a constant (a ReLU of -1 +- e
-    is exactly 0)."""
-    bound = 1.2 * x.bound
-    if spec is None:
-        return bound
-    lo, hi = x.value - x.bound, x.value + x.bound
-    exact = torch.zeros_like(bound, dtype=torch.bool)
-    if spec.low is not None and spec.low.is_constant:
-        exact |= hi <= spec.lo
-    if spec.high is not None and spec.high.is_constant:
-        exact |= (lo > spec.hi) if spec.hi_strict else (lo >= spec.hi)
-    return torch.where(exact, torch.zeros_like(bound), bound)
-
-
-def _evaluate(gm, node: fx.Node, env: dict, ctx) -> _Const:
-    """The float64 value of `node` on constant inputs, with its rounding bound."""
-    role = ctx.ops(node).role
-    layer = layer_of(gm, node, ctx.ops.modules) if role is Role.LAYER else None
-    if layer is not None:
-        return _layer_const(layer, env[layer.input], bias_rounding(gm, layer))
-    norm = norm_of(gm, node, ctx.ops.modules) if role is Role.NORM else None
-    if norm is not None:
-        return _norm_const(norm, env[norm.input])
-    ins = [env[i] for i in node.all_input_nodes if i in env]
-    value = _same_op(gm, node, env, "value")
-    own = ROUNDING * value.abs()
-    if role is Role.ACTIVATION and len(ins) == 1 and ins[0].bound.shape == value.shape:
-        bound = _activation_bound(region_spec(ctx.ops(node)), ins[0]) + own
-    elif role in (Role.POOL, Role.IDENTITY, Role.FLATTEN) and len(ins) == 1:
-        bound = _same_op(gm, node, env, "bound") + own
-    elif role in (Role.ADD, Role.SUB) and len(ins) == len(node.all_input_nodes):
-        bound = functools.reduce(operator.add, (c.bound for c in ins)) + own
-    elif role is Role.MUL and len(ins) == 2:
-        a, b = ins
-        bound = a.value.abs() * b.bound + b.value.abs() * a.bound + own
-    else:                                     # no bound known: only an exact zero is zero
-        bound = torch.zeros_like(value)
-    return _Const(value, bound.expand_as(value))
-
-
-def _compact(v: torch.Tensor) -> torch.Tensor:
-    """Reduce dims along which v is constant to size 1 (it still broadcasts the same way)."""
-    for d in range(1, v.dim()):
-        first = v.narrow(d, 0, 1)
-        if bool((v == first).all()):
-            v = first
-    return v
-
-
 def _apply_seed(gm, node, order, env, what, live, made: dict) -> Rewrite:
     saved = sum(layer_params(lay) for n in order
                 if (lay := layer_of(gm, n)) is not None)
     for n in reversed(order):
         if live[n]:
-            made[n] = constant(gm, _compact(env[n].value).to(dtype_of(n)), n.name, before=n)
+            made[n] = constant(gm, compact(env[n].value).to(dtype_of(n)), n.name, before=n)
             n.replace_all_uses_with(made[n])
     is_act = EGP_META_KEY in node.meta
     return Rewrite(NAME, "constant_branch" if len(order) > 1 else "constant", node.name,
@@ -257,7 +131,7 @@ def _nonnegative(gm, node, memo, ctx) -> bool:
     memo[node] = False
     op = ctx.ops(node)
     if op.role is Role.ACTIVATION:
-        ok = op.kind in NONNEGATIVE_KINDS
+        ok = op.kind in activations.NONNEGATIVE_KINDS
     elif node.op == "get_attr":
         ok = bool((attr(gm, node.target) >= 0).all())
     elif op.role in (Role.ADD, Role.CAT):
@@ -295,6 +169,7 @@ def _merge_adds(gm, node, inner, x, c_outer, c_inner) -> Rewrite:
     merged = constant(gm, total, node.name + "_merged", before=node)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(arithmetic(gm, "add"), (x, merged))
+    new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     gm.graph.erase_node(inner)
@@ -353,7 +228,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
             continue
         env = {node: seed}
         for n in order[1:]:
-            env[n] = _evaluate(gm, n, env, ctx)
+            env[n] = evaluate(gm, n, env, ctx)
         members = set(order)
         live = {n: any(u not in members for u in n.users) for n in order}
         made: dict[fx.Node, fx.Node] = {}

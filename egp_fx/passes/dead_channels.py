@@ -23,111 +23,25 @@ After a rewrite the shapes along the walk are updated in place (no new propagati
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from ..attrs import module_path
 from ..channels import keeps_last_dim
-from ..layer import Layer, layer_of, module_path
-from ..ops import Role, arg, main_input
+from ..layer import Layer, layer_of
+from ..ops import arg, main_input
 from ..shapes import set_dim, shape_of
 from ..stats import EGP_META_KEY, ActivationStats, select_channels
 from . import register
 from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .channel_walk import Read, Walk
+from .channel_walk import walk as walk_channels
 from .fold_common import single_tensor_input
+from ..latency import candidate_widths
 from .util import layer_flops
 
 NAME = "dead_channels"
-
-
-@dataclass
-class _Read:
-    """A layer reading channel c at input indices offset + c*span ... + span - 1."""
-
-    layer: Layer
-    offset: int
-    span: int
-    direct: bool                         # nothing between the activation and the layer
-
-
-@dataclass
-class _Walk:
-    """Everything the channels of an activation reach, found by `_walk`."""
-
-    reads: list[_Read] = field(default_factory=list)
-    gates: list[Layer] = field(default_factory=list)          # `up` layers of gated products
-    passed: list[tuple[fx.Node, int, int]] = field(default_factory=list)   # (node, axis, span)
-    reshapes: list[fx.Node] = field(default_factory=list)     # views whose last dim is C
-    through_product: bool = False
-
-
-def _walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[_Walk, str | None]:
-    """Follow act's channels to every layer that reads them, or say why not."""
-    shape = shape_of(act) or ()
-    last = channel_dim % max(len(shape), 1) == len(shape) - 1
-    walk, stack, seen = _Walk(), [(act, 0, 1, True, last)], set()
-    while stack:
-        node, offset, span, direct, last = stack.pop()
-        for u in node.users:
-            if (u, offset) in seen:
-                continue
-            seen.add((u, offset))
-            op = ctx.ops(u)
-            here = shape_of(node) or ()
-            axis = len(here) - 1 if last else 1
-            if op.role is Role.LAYER:
-                layer = layer_of(gm, u, ctx.ops.modules)
-                if layer is None or layer.input is not node:
-                    return walk, f"{u.name} takes the tensor as a weight, not as its input"
-                if layer.is_linear != last:
-                    return walk, f"{u.name} reads another axis than the channels"
-                walk.reads.append(_Read(layer, offset, span, direct))
-            elif op.role in (Role.IDENTITY, Role.POOL) and main_input(u) is node and (
-                    op.role is Role.IDENTITY or not last):
-                walk.passed.append((u, axis, span))
-                stack.append((u, offset, span, direct and op.role is Role.IDENTITY, last))
-            elif op.role in (Role.FLATTEN, Role.RESHAPE):
-                after = shape_of(u)
-                if after is None or not here:
-                    return walk, f"cannot follow the channels through {u.name} (no shape)"
-                if last and after[-1] == here[-1]:              # tokens regrouped, channels kept
-                    walk.passed.append((u, len(after) - 1, span))
-                    walk.reshapes.append(u)
-                    stack.append((u, offset, span, direct, True))
-                elif not last and len(after) == 2 and after[0] == here[0] \
-                        and after[1] == math.prod(here[1:]):     # flatten after the batch dim
-                    s = math.prod(here[2:])
-                    walk.passed.append((u, 1, span * s))
-                    stack.append((u, offset * s, span * s, False, True))
-                else:
-                    return walk, f"cannot follow the channels through {u.name}"
-            elif op.role is Role.CAT:
-                dim = op.params.get("dim", 0)
-                if not here or dim % len(here) != axis:
-                    return walk, f"concatenated along another axis at {u.name}"
-                before = 0
-                for t in u.args[0]:
-                    if t is node:
-                        break
-                    before += shape_of(t)[axis]
-                walk.passed.append((u, axis, span))
-                stack.append((u, offset + before, span, False, last))
-            elif op.role is Role.MUL and node is act and len(u.all_input_nodes) == 2:
-                other = next(a for a in u.all_input_nodes if a is not node)
-                up = layer_of(gm, other, ctx.ops.modules)
-                if up is None or shape_of(other) != here or len(other.users) != 1 \
-                        or up.out_channels != n or up.is_linear != last:
-                    return walk, f"multiplied at {u.name} by a tensor no layer of its own writes"
-                walk.gates.append(up)
-                walk.through_product = True
-                walk.passed.append((u, axis, span))
-                walk.passed.append((other, axis, span))
-                stack.append((u, offset, span, False, last))
-            else:
-                return walk, f"feeds {u.name} ({u.op} {getattr(u.target, '__name__', u.target)})"
-    return walk, None
 
 
 def _unpadded(layer: Layer) -> bool:
@@ -138,7 +52,7 @@ def _depthwise(layer: Layer) -> bool:
     return not layer.is_linear and layer.groups == layer.in_channels == layer.out_channels > 1
 
 
-def _after_depthwise(gm, ctx, read: _Read) -> tuple[fx.Node | None, Layer | None]:
+def _after_depthwise(gm, ctx, read: Read) -> tuple[fx.Node | None, Layer | None]:
     """(activation or None, the unpadded layer) after a depthwise reader, else (None, None)."""
     nxt = list(read.layer.node.users)
     if not read.direct or len(nxt) != 1:
@@ -154,7 +68,7 @@ def _after_depthwise(gm, ctx, read: _Read) -> tuple[fx.Node | None, Layer | None
     return act, layer
 
 
-def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | None, str | None]:
+def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, Walk | None, str | None]:
     affine = st.channel_affine()
     const = {c: a.offset for c, a in enumerate(affine) if a is not None and a.is_constant}
     if not const or len(const) == st.num_channels:
@@ -170,7 +84,7 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | Non
         return const, None, None, f"{prod.node.name} has other users or is shared"
     if prod.groups != 1:
         return const, None, None, f"{prod.node.name} is a grouped conv (its inputs would need narrowing too)"
-    walk, reason = _walk(gm, ctx, act, st.channel_dim, st.num_channels)
+    walk, reason = walk_channels(gm, ctx, act, st.channel_dim, st.num_channels)
     if reason:
         return const, None, None, reason
     for node in pre:
@@ -193,34 +107,66 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, _Walk | Non
 def _aligned(remove: dict[int, float], n: int, multiple: int) -> dict[int, float]:
     """Keep enough removable channels that the width stays a multiple of `multiple`.
 
-    Zero channels are dropped first, constant ones (whose removal changes a bias) last.
     multiple <= 1, or a width that is not a multiple to begin with, disables the rounding.
     """
     if multiple <= 1 or n % multiple:
         return remove
-    target = -(-(n - len(remove)) // multiple) * multiple          # round the kept width up
-    drop = sorted(remove, key=lambda c: (remove[c] != 0.0, c))[:n - target]
+    return _keep_width(remove, n, -(-(n - len(remove)) // multiple) * multiple)
+
+
+def _keep_width(remove: dict[int, float], n: int, width: int) -> dict[int, float]:
+    """The channels to drop so that `width` remain: zero channels first, constant ones last."""
+    drop = sorted(remove, key=lambda c: (remove[c] != 0.0, c))[:max(n - width, 0)]
     return {c: remove[c] for c in sorted(drop)}
 
 
-def _narrow_reader(read: _Read, remove: dict[int, float]) -> int:
+def _timed_width(ctx, prod: Layer, walk: Walk, n: int, m0: int) -> tuple[int, dict] | None:
+    """The fastest width on the target among the candidates (latency.candidate_widths), with
+    the timings; None when the layers around the activation are not simple enough to time."""
+    reads = walk.reads
+    if walk.gates or walk.reshapes or len(reads) != 1 or not reads[0].direct \
+            or reads[0].layer.groups != 1 or prod.groups != 1:
+        return None
+    reader, table = reads[0].layer, ctx.options.timings
+    tm = prod.input.meta.get("tensor_meta")
+    if tm is None:
+        return None
+    shape = tuple(tm.shape)
+
+    def build(width: int):
+        module = torch.nn.Sequential(prod.shaped_like(out_channels=width),
+                                     reader.shaped_like(in_channels=width))
+        return module, torch.randn(shape, dtype=tm.dtype, device=prod.weight.device)
+
+    times = {w: table.seconds(("narrowed", prod.kind, shape, prod.kernel_size, prod.stride,
+                               str(prod.padding), reader.out_channels, reader.kernel_size,
+                               str(reader.padding), w), lambda w=w: build(w))
+             for w in candidate_widths(n, m0)}
+    return min(times, key=lambda w: (times[w], w)), times
+
+
+def _narrow_reader(read: Read, remove: dict[int, float]) -> int:
     """Drop input channels of a reader; absorb constants into its bias. Returns params saved."""
     layer = read.layer
-    w = layer.weight.detach().double()
-    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
+    w = layer.weight.detach()
+    b = layer.bias.detach().double() if layer.bias is not None else None
     drop: dict[int, float] = {i: k for c, k in remove.items()
                               for i in range(read.offset + c * read.span,
                                              read.offset + (c + 1) * read.span)}
-    for i, k in drop.items():
-        if k != 0.0:
-            b = b + k * w[:, i].reshape(w.shape[0], -1).sum(1)
-    keep = [i for i in range(w.shape[1]) if i not in drop]
+    constants = {i: k for i, k in drop.items() if k != 0.0}
+    if constants:   # b += sum over taps of W[:, i] k_i, in float64 on the columns concerned
+        cols = torch.tensor(sorted(constants), device=w.device)
+        k = torch.tensor([constants[i] for i in sorted(constants)], dtype=torch.float64,
+                         device=w.device)
+        taps = w.index_select(1, cols).double().reshape(w.shape[0], len(cols), -1).sum(2)
+        b = (b if b is not None else taps.new_zeros(w.shape[0])) + taps @ k
+    keep = torch.tensor([i for i in range(w.shape[1]) if i not in drop], device=w.device)
     before = w.numel()
-    layer.replace(w[:, keep], b if layer.bias is not None or any(drop.values()) else None)
+    layer.replace(w.index_select(1, keep), b)
     return before - layer.weight.numel()
 
 
-def _narrow_depthwise(gm, ctx, read: _Read, remove: dict[int, float]) -> int:
+def _narrow_depthwise(gm, ctx, read: Read, remove: dict[int, float]) -> int:
     """Narrow a depthwise reader, then let the layer after it absorb the constants left."""
     layer = read.layer
     act, after = _after_depthwise(gm, ctx, read)
@@ -238,7 +184,7 @@ def _narrow_depthwise(gm, ctx, read: _Read, remove: dict[int, float]) -> int:
         set_dim(act, 1, len(keep))
     set_dim(layer.node, 1, len(keep))
     consts = {c: float(v) for c, v in zip(remove, values.tolist())}
-    return saved + _narrow_reader(_Read(after, 0, 1, True), consts)
+    return saved + _narrow_reader(Read(after, 0, 1, True), consts)
 
 
 def _apply_act(act: fx.Node, values: torch.Tensor) -> torch.Tensor:
@@ -254,7 +200,11 @@ def _apply_act(act: fx.Node, values: torch.Tensor) -> torch.Tensor:
     return out.double().flatten()
 
 
-def _update_shapes(walk: _Walk, prod: Layer, act: fx.Node, removed: int) -> None:
+def _times(times: dict[int, float]) -> str:
+    return ", ".join(f"{w}: {t * 1e3:.3g} ms" for w, t in sorted(times.items()))
+
+
+def _update_shapes(walk: Walk, prod: Layer, act: fx.Node, removed: int) -> None:
     for node, axis, span in [(prod.node, prod.out_axis, 1), (act, prod.out_axis, 1), *walk.passed]:
         shape = shape_of(node)
         if shape is not None:
@@ -266,17 +216,18 @@ def _update_shapes(walk: _Walk, prod: Layer, act: fx.Node, removed: int) -> None
             view.args = (view.args[0], [*size[:-1], new_last], *view.args[2:])
 
 
-def _apply(gm, ctx, act, st, remove, prod: Layer, walk: _Walk) -> Rewrite:
+def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
     keep = [c for c in range(st.num_channels) if c not in remove]
     n, m = st.num_channels, len(keep)
     flops = layer_flops(prod, shape_of(prod.node)) * (n - m) // n
     flops += sum(layer_flops(r.layer, shape_of(r.layer.node)) for r in walk.reads)
     flops += sum(layer_flops(g, shape_of(g.node)) * (n - m) // n for g in walk.gates)
     saved = 0
+    index = torch.tensor(keep, device=prod.weight.device)
     for layer in (prod, *walk.gates):
         w, b = layer.weight.detach(), layer.bias
-        saved += w.numel() - w[keep].numel() + (n - m) * (b is not None)
-        layer.replace(w[keep], b.detach()[keep] if b is not None else None)
+        saved += w.numel() - len(keep) * w[0].numel() + (n - m) * (b is not None)
+        layer.replace(w.index_select(0, index), b.detach()[index] if b is not None else None)
     for r in walk.reads:
         saved += _narrow_depthwise(gm, ctx, r, remove) if _depthwise(r.layer) \
             else _narrow_reader(r, remove)
@@ -311,7 +262,20 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
             continue
         if walk.through_product or any(_depthwise(r.layer) for r in walk.reads):
             remove = {c: k for c, k in remove.items() if k == 0.0}
-        aligned = _aligned(remove, st.num_channels, multiple)
+        timed = _timed_width(ctx, prod, walk, st.num_channels, st.num_channels - len(remove)) \
+            if ctx.options.by_latency else None
+        if timed is not None:
+            width, times = timed
+            aligned = _keep_width(remove, st.num_channels, width)
+            if not aligned:
+                yield Refusal(NAME, act.name, [act.name],
+                              f"dead channels kept: every narrower width measures slower on the "
+                              f"target ({_times(times)})", activation=act.name, path=path)
+                continue
+            why = f"the fastest width measured ({_times(times)})"
+        else:
+            aligned = _aligned(remove, st.num_channels, multiple)
+            why = f"a multiple of {multiple}"
         if not aligned:
             yield Refusal(NAME, act.name, [act.name],
                           f"dead channels kept: removing {len(remove)} would not shrink the width "
@@ -320,6 +284,5 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
         if len(aligned) < len(remove):
             yield Refusal(NAME, act.name, [act.name],
                           f"{len(remove) - len(aligned)} of {len(remove)} removable channel(s) "
-                          f"kept so that the width stays a multiple of {multiple}",
-                          activation=act.name, path=path)
+                          f"kept so that the width is {why}", activation=act.name, path=path)
         yield Candidate(act.name, functools.partial(_apply, gm, ctx, act, st, aligned, prod, walk))

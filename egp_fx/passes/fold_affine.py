@@ -20,7 +20,8 @@ import functools
 import torch
 import torch.fx as fx
 
-from ..layer import Layer, attr
+from ..attrs import attr
+from ..layer import Layer
 from ..ops import Role
 from ..shapes import dtype_of, shape_of
 from .base import Candidate, Decision, DecisionKind, Refusal, Rewrite

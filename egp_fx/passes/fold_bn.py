@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ..layer import Layer, Norm, layer_of, norm_of
+from ..layer import Layer, layer_of
+from ..norm import Norm, norm_of
 from ..shapes import shape_of
 from . import register
 from .base import Candidate, PassContext, PassRun, Refusal, Rewrite

@@ -22,8 +22,8 @@ kxk_o_kxk        kxk conv (stride 1, dilation 1) o jxj conv (dilation 1), both u
 
 Cost model: a fold is applied only when the merged layer's FLOPs per sample (from the shapes) are
 <= those of the two layers it replaces (3x3 o 3x3 -> 5x5 at equal widths is not: 25/18 = 1.39x);
-with cost="latency" and a latency_fn, the measured latency of the merged layer against the pair
-decides instead. Preconditions: layer 1's output (and every identity between) has one user; no
+with cost="latency", the measured latency of the merged layer against the pair on the target
+decides instead (latency.py). Preconditions: layer 1's output (and every identity between) has one user; no
 layer is shared; same dtype and device. Key: the second layer's node name.
 """
 from __future__ import annotations
@@ -147,15 +147,17 @@ def _cost(m1: Layer, m2: Layer, plan: _Plan, sweep: Sweep) -> tuple[str | None, 
     old = layer_flops(m1, out1) + layer_flops(m2, out2)
     new = 2 * math.prod(out2[1:]) * math.prod(plan.shape[1:])
     opts = sweep.ctx.options
-    if opts.cost == "latency" and opts.latency_fn is not None:
-        key = (m1.node.name, m2.node.name, plan.kind)
-        if key not in sweep.cache:
-            tm = m1.input.meta["tensor_meta"]
-            x = torch.randn((1, *tm.shape[1:]), dtype=tm.dtype, device=m1.weight.device)
-            with torch.no_grad():
-                pair = nn.Sequential(m1.as_module(), m2.as_module())
-                sweep.cache[key] = (opts.latency_fn(pair, x), opts.latency_fn(plan.dummy(m2), x))
-        t_old, t_new = sweep.cache[key]
+    if opts.by_latency:
+        tm = m1.input.meta["tensor_meta"]
+        x_shape, table = (1, *tm.shape[1:]), opts.timings
+
+        def inputs():
+            return torch.randn(x_shape, dtype=tm.dtype, device=m1.weight.device)
+
+        t_old = table.seconds(("pair", m1.node.name, m2.node.name, x_shape),
+                              lambda: (nn.Sequential(m1.as_module(), m2.as_module()), inputs()))
+        t_new = table.seconds(("merged", plan.kind, plan.shape, str(plan.geometry), x_shape),
+                              lambda: (plan.dummy(m2), inputs()))
         if t_new > t_old:
             return f"not folded: {plan.desc} slower ({t_new / t_old:.2f}x measured latency)", old - new
         return None, old - new

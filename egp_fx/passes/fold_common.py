@@ -20,7 +20,7 @@ from ..channels import keeps_last_dim
 from ..layer import Layer, layer_of, share_index
 from ..ops import Role, main_input
 from ..shapes import shape_of
-from .base import Candidate, PassContext, PassRun, Refusal
+from .base import PassContext, PassRun, Refusal
 
 
 @dataclass(frozen=True)

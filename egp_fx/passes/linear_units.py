@@ -16,7 +16,8 @@ import functools
 import torch
 import torch.fx as fx
 
-from ..layer import layer_of, module_path
+from ..attrs import module_path
+from ..layer import layer_of
 from ..ops import main_input
 from ..shapes import dtype_of, shape_of
 from ..stats import EGP_META_KEY, ActivationStats
@@ -47,10 +48,12 @@ def _explicit(gm, act, st, a, o) -> None:
     scale = constant(gm, a.to(dtype).view(view), act.name + "_scale", before=act)
     with gm.graph.inserting_before(act):
         out = gm.graph.call_function(arithmetic(gm, "mul"), (z, scale))
+    out.meta["tensor_meta"] = act.meta.get("tensor_meta")
     if bool(o.any()):
         shift = constant(gm, o.to(dtype).view(view), act.name + "_shift", before=act)
         with gm.graph.inserting_before(act):
             out = gm.graph.call_function(arithmetic(gm, "add"), (out, shift))
+        out.meta["tensor_meta"] = act.meta.get("tensor_meta")
     act.replace_all_uses_with(out)
 
 

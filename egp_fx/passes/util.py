@@ -7,7 +7,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..layer import CAPTURE_META_KEY, Layer, add_attr
+from ..attrs import CAPTURE_META_KEY, add_attr
+from ..layer import Layer
 
 ROUNDING_META_KEY = "egp_bias_rounding"
 ROUNDING = 2.0 ** -24        # unit roundoff of float32

@@ -6,9 +6,15 @@ each round (train.py) on optionally augmented batches (augment.py), and optional
 re-initialisation ablation (reinit.py). models.py and datasets.py hold the ResNet-18 (CIFAR stem)
 and the offline digits data of the experiment in benchmarks/egp_experiment.py.
 
-Note: egp_fx exports the function `prune`, which hides this package as an attribute of egp_fx;
-import its modules with `from egp_fx.prune.models import ...` (or `from egp_fx.prune import ...`).
+`egp_fx.prune` is this package, and calling it calls the function: egp_fx.prune(model, loader,
+...) is egp.prune(model, loader, ...), while `egp_fx.prune.models`, `import egp_fx.prune.models
+as m` and `from egp_fx.prune import FinetuneConfig` still reach the modules (a plain function
+exported under the package's name would hide them).
 """
+import inspect as _inspect
+import sys as _sys
+import types as _types
+
 from .allocation import Allocation, allocate
 from .augment import Augment, AugmentedLoader, augment_batch, augment_preset
 from .datasets import digits_loaders, load_digits_data
@@ -28,3 +34,14 @@ __all__ = [
     "load_demo_model", "load_digits_data", "prune", "reinitialize", "resnet18_cifar",
     "train_from_scratch",
 ]
+
+
+class _CallablePackage(_types.ModuleType):
+    """This package, callable as egp.prune (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+__signature__ = _inspect.signature(prune)
+_sys.modules[__name__].__class__ = _CallablePackage

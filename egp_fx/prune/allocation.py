@@ -1,4 +1,4 @@
-"""EGP's per-layer pruning budget, as the EGP reference code computes it (EGP.md, "EGP pruning step").
+"""EGP's per-layer pruning budget, as the EGP reference code computes it.
 
 For every prunable layer l with entropy H_l (the unrounded EGP layer entropy of the activation it
 feeds), r_l weights still nonzero, and mean |w| over those nonzero weights:

@@ -1,4 +1,4 @@
-"""The EGP prune loop (EGP.md, "EGP pruning step"), IMP with the same loop, and the ablation.
+"""The EGP prune loop (the pruning step of the EGP reference code), IMP with the same loop, and the ablation.
 
     model_0 = a deep copy of the caller's model; stats_0 = calibrate(model_0, train data)
     for i = 1..iterations:

@@ -1,6 +1,5 @@
-"""The error the prune package raises on purpose."""
-from ..errors import EGPError
+"""The error the prune package raises on purpose: egp_fx.errors.PruneError (one class, so that
+`except egp_fx.PruneError` catches what egp_fx.prune raises)."""
+from ..errors import PruneError
 
-
-class PruneError(EGPError):
-    """prune() cannot run as asked: the message says what is missing (labels, prunable layers, ...)."""
+__all__ = ["PruneError"]

@@ -1,4 +1,4 @@
-"""Iterative magnitude pruning (IMP), the baseline of EGP.md: global L1 unstructured pruning.
+"""Iterative magnitude pruning (IMP), the baseline of the EGP paper: global L1 unstructured pruning.
 
 Each round, over all layers of the scope together (prune(imp_scope=...): "all" conv/linear layers,
 classifier and shortcut convs included, as the reference's baseline; or "prunable", the layers

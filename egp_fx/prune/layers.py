@@ -1,6 +1,6 @@
 """Which layers EGP prunes, and the weight masks that keep pruned weights at zero.
 
-Prunable layer (EGP.md): the conv/linear module that feeds an activation call (ReLU or GELU).
+Prunable layer (as in the EGP reference code): the conv/linear module that feeds an activation call (ReLU or GELU).
 From the activation's input we walk back through BatchNorm/LayerNorm, dropout, identity and
 element-wise arithmetic (the residual add) to the conv/linear modules that write the tensor.
 A BasicBlock's second ReLU sits after `bn2(conv2(h)) + shortcut(x)`: the walk finds conv2 and,

@@ -1,0 +1,235 @@
+"""How the cost of compress grows: seconds and peak extra memory against graph size and weights.
+
+Each model runs in its own process (so that its memory peak is its own): build it (random init,
+planted dead units so that compress has work), run a plain forward over the calibration data
+(the yardstick, median of 3), then compress, sampling the process's resident memory every 2 ms.
+A row gives the graph nodes, the parameter bytes, calibration seconds, compress seconds
+(calibration excluded: CompressReport.seconds), the plain forward, their ratio, and the peak of
+resident memory above what the process held with the model built and run once ("extra").
+
+    .venv/bin/python benchmarks/bench_scaling.py                  # the whole table
+    .venv/bin/python benchmarks/bench_scaling.py --only resnet50 densenet121
+    .venv/bin/python benchmarks/bench_scaling.py --profile densenet121   # where the time goes
+
+Writes results/scaling.{json,md} and results/scaling.png (with --only: results/scaling_part.*).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import pstats
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from _common import RESULTS, header, setup_logging, write
+
+log = logging.getLogger("bench_scaling")
+
+# name -> (family, calibration: images x pixels, or sequences x tokens)
+MODELS = {
+    "resnet18": ("torchvision", 8, 224), "resnet50": ("torchvision", 8, 224),
+    "resnet152": ("torchvision", 8, 224), "densenet121": ("torchvision", 8, 224),
+    "densenet201": ("torchvision", 8, 224), "densenet121@64": ("torchvision", 8, 64),
+    "vit_tiny_patch16_224": ("timm", 8, 224), "vit_base_patch16_224": ("timm", 8, 224),
+    "vit_large_patch16_224": ("timm", 8, 224), "swin_t": ("torchvision", 8, 224),
+    "swin_b": ("torchvision", 8, 224),
+    "opt-125m": ("opt", 4, 128), "opt-350m": ("opt", 4, 128), "opt-1.3b": ("opt", 4, 128),
+}
+OPT = {"opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
+       "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                        word_embed_proj_dim=512),
+       "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32)}
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Peak:
+    def __init__(self):
+        self.peak, self.running = _rss(), True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, _rss())
+
+
+def build(name: str):
+    """(model, calibration batches) with planted dead units."""
+    family, n, size = MODELS[name]
+    base = name.split("@")[0]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if family == "opt":
+        import transformers
+
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=50272, max_position_embeddings=2048, **OPT[base])).eval()
+        for i, layer in enumerate(model.model.decoder.layers[: len(model.model.decoder.layers) // 2]):
+            _dead_rows(layer.fc1, 0.7 * (1 - i / (len(model.model.decoder.layers) / 2)), -1.0)
+        batches = [{"input_ids": torch.randint(0, 50272, (n, size), generator=g),
+                    "attention_mask": torch.ones(n, size, dtype=torch.long)}]
+        return model, batches
+    if family == "timm":
+        import timm
+
+        model = timm.create_model(base, num_classes=1000).eval()
+        for block in model.blocks[::2]:
+            _dead_rows(block.mlp.fc1, 0.5, -10.0)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, base)().eval()
+        if hasattr(model, "features") and base.startswith("swin"):
+            for stage in model.features[1::2]:
+                for block in stage:
+                    _dead_rows(block.mlp[0], 0.5, -10.0)
+        else:
+            bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            for bn in bns[1::4]:
+                with torch.no_grad():
+                    bn.weight[: bn.num_features // 4] = 0.0
+                    bn.bias[: bn.num_features // 4] = -1.0
+    return model, [torch.randn(n, 3, size, size, generator=g)]
+
+
+def _dead_rows(linear: torch.nn.Linear, fraction: float, bias: float) -> None:
+    k = int(linear.out_features * fraction)
+    with torch.no_grad():
+        linear.weight[:k] = 0.0
+        linear.bias[:k] = bias
+
+
+def measure_one(name: str, profile: bool = False) -> dict:
+    import egp_fx
+    from egp_fx.copying import tensor_bytes
+    from egp_fx.measures import compute_nodes
+
+    model, batches = build(name)
+    with torch.no_grad():
+        for b in batches:
+            egp_fx.data.as_batch(b)(model)            # warm up allocator and kernels
+    forward = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                egp_fx.data.as_batch(b)(model)
+        forward.append(time.perf_counter() - t0)
+    base, peak = _rss(), _Peak()
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    small = egp_fx.compress(model, batches, progress=False)
+    if prof:
+        prof.disable()
+    total = time.perf_counter() - t0
+    extra = peak.stop() - base
+    report = egp_fx.report_of(small)
+    row = {"model": name, "nodes": compute_nodes(egp_fx.report.original_of(small)),
+           "param_bytes": tensor_bytes(model), "calibration": MODELS[name][1:],
+           "capture": report.capture.mode, "forward_s": sorted(forward)[1],
+           "calibrate_s": total - report.seconds, "compress_s": report.seconds,
+           "compress_over_forward": report.seconds / sorted(forward)[1],
+           "peak_extra_bytes": extra, "extra_over_params": extra / tensor_bytes(model),
+           "rewrites": len(report.applied), "params_before": report.before.params,
+           "params_after": report.after.params, "max_error": report.max_error,
+           "passes": [{"name": p.name, "seconds": p.seconds} for p in report.passes]}
+    if prof:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+        row["profile"] = text.getvalue()
+    return row
+
+
+def _run_child(name: str, profile: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", name] + (["--profile-child"] if profile else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"model": name, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if "error" not in r]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    a, b = fig.subplots(1, 2)
+    for r in ok:
+        a.scatter(r["nodes"], r["compress_s"], color="C0")
+        a.annotate(r["model"], (r["nodes"], r["compress_s"]), fontsize=7)
+        b.scatter(r["param_bytes"] / 2**30, r["peak_extra_bytes"] / 2**30, color="C1")
+        b.annotate(r["model"], (r["param_bytes"] / 2**30, r["peak_extra_bytes"] / 2**30), fontsize=7)
+    top = max((r["param_bytes"] for r in ok), default=1) / 2**30
+    b.plot([0, top], [0, 1.5 * top], "k--", lw=0.8, label="1.5x the weights")
+    b.legend(fontsize=8)
+    a.set(xlabel="graph nodes", ylabel="compress seconds (calibration excluded)",
+          title="time against graph size")
+    b.set(xlabel="weights (GiB)", ylabel="peak extra memory (GiB)", title="memory against weights")
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="*", help="a subset of " + ", ".join(MODELS))
+    ap.add_argument("--profile", nargs="*", default=[], help="models to profile (cProfile)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        torch.set_num_threads(torch.get_num_threads())
+        print(json.dumps(measure_one(args.child, args.profile_child)))
+        return
+    setup_logging()
+    names = args.only or list(MODELS)
+    title, meta = header("compress at scale: time and memory against graph size and weights")
+    rows = []
+    for name in names:
+        rows.append(_run_child(name, name in args.profile))
+        log.info("%s", {k: v for k, v in rows[-1].items() if k != "profile"})
+    lines = [title, "| model | capture | nodes | weights MB | forward s | calibrate s | compress s "
+             "| compress / forward | peak extra MB | extra / weights | params before -> after |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {r['model']} | {r['capture']} | {r['nodes']} | {r['param_bytes'] / 2**20:.0f} | "
+            f"{r['forward_s']:.3f} | {r['calibrate_s']:.2f} | {r['compress_s']:.2f} | "
+            f"{r['compress_over_forward']:.2f} | {r['peak_extra_bytes'] / 2**20:.0f} | "
+            f"{r['extra_over_params']:.2f} | {r['params_before']:,} -> {r['params_after']:,} |")
+    for r in rows:
+        if r.get("profile"):
+            lines += ["", f"## Where the time goes: {r['model']} (cProfile, cumulative)", "",
+                      "```", r["profile"].strip(), "```"]
+    stem = "scaling" if not args.only else "scaling_part"
+    write(stem, {**meta, "rows": rows}, "\n".join(lines) + "\n")
+    _plot(rows, RESULTS / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Language models on the GPU: does compress pay where tensor cores set the widths?
+
+OPT-125m architecture (random init, dead FFN units planted after the published profile, see
+_llm_cases.py). Models, all in fp16 on one GPU:
+  original            the Hugging Face model
+  compressed-cuda     egp_fx.compress(target="cuda"): widths a multiple of 64
+  compressed-cpu16    egp_fx.compress(target="ort-cpu"): widths a multiple of 16 (what the CPU
+                      setting would produce on this GPU)
+  compressed-timed    egp_fx.compress(target="cuda", cost="latency") run on the GPU: each width
+                      picked by timing the candidate widths there
+  oracle-exact        fc1/fc2 narrowed by hand to exactly the live units (planted dead units
+                      and those that never fire on the calibration data removed)
+  oracle-64, -128     the same, widths rounded up to a multiple of 64 / 128
+Each is timed eager and under torch.compile(mode="reduce-overhead") (CUDA graphs), batch 1, 8
+and 32 at sequence 128; in a cell the models run round-robin (interleaved), and a row gives the
+median of `repeats` calls, each ended by torch.cuda.synchronize(). Speed-ups are against the
+original in the same cell (the Hugging Face model under the same variant).
+Also recorded: peak extra CUDA memory of compress(device="cuda") against the weights.
+
+    python benchmarks/gpu_llm.py --out results/gpu_llm            # on a GPU machine
+    python benchmarks/gpu_llm.py --device cpu --quick              # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import _llm_cases as cases
+from _common import header, setup_logging
+
+log = logging.getLogger("gpu_llm")
+
+
+def _runner(module, batch: dict, device: str, compiled: bool):
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    fn = torch.compile(module, mode="reduce-overhead") if compiled else module
+    extra = {"use_cache": False} if not hasattr(module, "graph") else {}
+
+    def run():
+        with torch.inference_mode():
+            out = fn(**inputs, **extra)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def _cell(models: dict, batch: dict, device: str, compiled: bool, repeats: int, warmup: int) -> dict:
+    runners = {}
+    for name, module in models.items():
+        try:
+            runners[name] = _runner(module, batch, device, compiled)
+            for _ in range(warmup):
+                runners[name]()
+        except Exception as err:  # noqa: BLE001  (a model that cannot run this variant is noted)
+            log.warning("%s %s: %s", name, "compile" if compiled else "eager", err)
+            runners.pop(name, None)
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    import egp_fx
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="batch 1, seq 16, 3 repeats")
+    ap.add_argument("--out", help="write OUT.json and OUT.md")
+    args = ap.parse_args()
+    setup_logging()
+    if args.quick:
+        args.batch_sizes, args.seq, args.repeats, args.warmup = [1], 16, 3, 1
+    dev = args.device
+    model, dead = cases.opt("125m")
+    calib = cases.tokens(50272, 2, 4, args.seq, seed=1)
+    t0 = time.perf_counter()
+    models = {"original": model}
+    models["compressed-cuda"] = egp_fx.compress(model, calib, target="cuda", progress=False)
+    models["compressed-cpu16"] = egp_fx.compress(model, calib, target="ort-cpu", progress=False)
+    mem = {}
+    if dev.startswith("cuda"):
+        gpu_model = model.to(dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        timed = egp_fx.compress(gpu_model, calib, target="cuda", cost="latency", device=dev,
+                                progress=False)
+        mem = {"weights_bytes": sum(p.numel() * p.element_size() for p in gpu_model.parameters()),
+               "peak_extra_bytes": torch.cuda.max_memory_allocated() - before}
+        models["compressed-timed"] = timed
+        model = gpu_model.cpu()
+    compress_s = time.perf_counter() - t0
+    never = cases.observed_dead("opt-125m", model, calib)   # planted + never fired on calib
+    models["oracle-exact"] = cases.opt_oracle(model, never)
+    models["oracle-64"] = cases.opt_oracle(model, never, multiple=64)
+    models["oracle-128"] = cases.opt_oracle(model, never, multiple=128)
+    widths = {name: [str(d) for ds in egp_fx.report_of(m).decisions_by_path().values() for d in ds]
+              for name, m in models.items() if name.startswith("compressed")}
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    for name in list(models):
+        models[name] = models[name].to(device=dev, dtype=dtype).eval()
+    rows = []
+    for compiled in ([False] if args.no_compile else [False, True]):
+        for bs in args.batch_sizes:
+            batch = cases.tokens(50272, 1, bs, args.seq, seed=7)[0]
+            med = _cell(models, batch, dev, compiled, args.repeats, args.warmup)
+            for name, ms in med.items():
+                rows.append({"variant": "torch.compile" if compiled else "eager", "batch": bs,
+                             "model": name, "median_ms": ms,
+                             "speedup_vs_original": med["original"] / ms})
+                log.info("%s batch %d %s: %.3f ms", rows[-1]["variant"], bs, name, ms)
+    title, meta = header("OPT-125m architecture on the GPU: original, compressed, oracles (fp16)")
+    lines = [title, f"Dead FFN units planted after the published profile (random init); "
+             f"calibration 2 x 4 sequences of {args.seq} tokens; compress {compress_s:.1f} s "
+             f"for the three compressed variants.", "",
+             "| variant | batch | " + " | ".join(models) + " |",
+             "| --- | ---: | " + "---: | " * len(models)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for bs in args.batch_sizes:
+            cell = {r["model"]: r for r in rows if r["variant"] == variant and r["batch"] == bs}
+            lines.append(f"| {variant} | {bs} | " + " | ".join(
+                f"{cell[m]['median_ms']:.3f} ms ({cell[m]['speedup_vs_original']:.3f}x)"
+                if m in cell else "-" for m in models) + " |")
+    lines += ["", "Speed-up in brackets: against the original (the Hugging Face model, same "
+              "variant and batch).", "", "Widths chosen:", ""]
+    lines += [f"- {name}: {', '.join(w)}" for name, w in widths.items()]
+    if mem:
+        lines += ["", f"compress(device='{dev}', target='cuda', cost='latency'): peak extra CUDA "
+                  f"memory {mem['peak_extra_bytes'] / 2**20:.0f} MB for "
+                  f"{mem['weights_bytes'] / 2**20:.0f} MB of weights "
+                  f"({mem['peak_extra_bytes'] / mem['weights_bytes']:.2f}x)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows, "widths": widths,
+                                                        "memory": mem}, indent=1) + "\n")
+        Path(f"{args.out}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
