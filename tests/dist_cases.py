@@ -183,24 +183,26 @@ PRUNE_TRAIN, PRUNE_VAL, RANK_BATCH = 256, 120, 16
 
 
 class TinyNet(nn.Module):
-    """Two prunable convs and a classifier, no BatchNorm: one step of DDP over the ranks'
-    batches equals one step of one process over the global batch, up to float rounding."""
+    """Two prunable convs and a classifier. Without BatchNorm one step of DDP over the ranks'
+    batches equals one step of one process over the global batch, up to float rounding; with
+    it (`batchnorm`), each rank's running statistics follow its own batches."""
 
-    def __init__(self):
+    def __init__(self, batchnorm: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8) if batchnorm else nn.Identity()
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
         self.relu2 = nn.ReLU()
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
-        return self.fc(self.relu2(self.conv2(self.relu1(self.conv1(x)))).mean((2, 3)))
+        return self.fc(self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x))))).mean((2, 3)))
 
 
-def tiny_net(seed: int = 0) -> TinyNet:
+def tiny_net(seed: int = 0, batchnorm: bool = False) -> TinyNet:
     torch.manual_seed(seed)
-    return TinyNet()
+    return TinyNet(batchnorm)
 
 
 def digits_loaders(world: int, rank: int, batch: int, *, train: int = PRUNE_TRAIN,
@@ -251,8 +253,8 @@ def prune_cases(rank: int, world: int, folder: str) -> dict:
     out["resumed_files"] = sorted(p.name for p in Path(run).iterdir()) \
         if Path(run).exists() else None
     from egp_fx.prune import finetune  # noqa: PLC0415
-    for name, keep in (("uneven", 3), ("empty", 0)):   # rank 1: 3 of its 8 batches, or none
-        model = tiny_net()
+    for name, keep in (("even", None), ("uneven", 3), ("empty", 0)):   # rank 1: 8, 3 or 0 of 8
+        model = tiny_net(batchnorm=True)
         history = finetune(model, _First(train, keep if rank == 1 else None), config,
                            progress=False)
         out[name] = {"state": {k: v.clone() for k, v in model.state_dict().items()},

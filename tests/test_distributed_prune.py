@@ -101,13 +101,15 @@ def test_two_rank_egp_round_on_all_digits_matches_one_process(tmp_path):
     assert abs(two[0]["accuracy"][-1] - one["accuracy"][-1]) <= 0.005
 
 
-@pytest.mark.parametrize("case", ["uneven", "empty"])
+@pytest.mark.parametrize("case", ["even", "uneven", "empty"])
 def test_uneven_and_empty_training_shards_do_not_hang(pruned, case):
-    """Rank 1 trains on 3 of its 8 batches, or on none: DDP's Join carries rank 0 through its
-    other batches (the whole run is bounded in time), and both end with the same weights and
-    the same history."""
+    """Rank 1 trains on all 8 of its batches, 3 of them, or none: DDP's Join carries rank 0
+    through its other batches (the whole run is bounded in time), and both end with the same
+    weights, the same BatchNorm statistics (rank 0's) and the same history."""
     a, b = pruned[0][case], pruned[1][case]
     assert _identical(a["state"], b["state"])
     assert a["history"] == b["history"] and 0 < a["history"][0]["loss"] < 10
     assert not torch.equal(a["state"]["conv1.weight"], tiny_net().state_dict()["conv1.weight"])
+    assert int(a["state"]["bn1.num_batches_tracked"]) == 8       # rank 0's, on every rank
     assert not _identical(pruned[0]["uneven"]["state"], pruned[0]["empty"]["state"])
+    assert not _identical(pruned[0]["even"]["state"], pruned[0]["uneven"]["state"])
