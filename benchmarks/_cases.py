@@ -2,10 +2,12 @@
 
 Case 1, ResNet-18 (torchvision, random init, fixed seed) with k BasicBlocks planted dead. For a
 planted block bn1 has weight 0 and bias -1, so its output is -1 everywhere and relu1 is OFF for
-every input; bn2 has weight 0 and bias 0, so the residual branch adds exactly 0 and the block
-computes relu(x) = x (x is itself a ReLU output). The oracle replaces those blocks with
-nn.Identity: the best any compressor can do. Only blocks without downsample are planted: index 1
-of layer1..layer4, the first k of them.
+every input; bn2 has random statistics and weight, and a shift that cancels its mean term
+(beta = gamma * mean / sqrt(var + eps), computed in float32), so the residual branch adds 0 in
+real arithmetic and a float32 residue of about 1e-7 in practice, as a trained network whose
+branch collapsed would. The block computes relu(x) = x (x is itself a ReLU output). The oracle
+replaces those blocks with nn.Identity: the best any compressor can do. Only blocks without
+downsample are planted: index 1 of layer1..layer4, the first k of them.
 
 Case 2, ViT-tiny (timm vit_tiny_patch16_224, random init, fixed seed), two variants:
   "dead":   in every other block 3/4 of the MLP hidden units get fc1 weight row 0 and bias -10,
@@ -39,8 +41,11 @@ def resnet18_planted(k: int, seed: int = 0) -> nn.Module:
             assert block.downsample is None, name
             block.bn1.weight.zero_()
             block.bn1.bias.fill_(-1.0)
-            block.bn2.weight.zero_()
-            block.bn2.bias.zero_()
+            bn, g = block.bn2, torch.Generator().manual_seed(seed + len(name))
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps))
     return model
 
 

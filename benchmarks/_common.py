@@ -53,3 +53,25 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_run_args(parser, *, batch_sizes=(1, 8), repeats: int = 50, warmup: int = 10,
+                 calib_batches: int = 2, calib_batch_size: int = 8, img_size: int | None = 224,
+                 threads: bool = True, stand_in: bool = True, quick: bool = True) -> None:
+    """The run options the benchmark scripts share (batch sizes, repeats, warm-up, threads,
+    calibration size, seed, --stand-in, --quick), with each script's defaults."""
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(batch_sizes))
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    if img_size is not None:
+        parser.add_argument("--img-size", type=int, default=img_size)
+    parser.add_argument("--calib-batches", type=int, default=calib_batches)
+    parser.add_argument("--calib-batch-size", type=int, default=calib_batch_size)
+    parser.add_argument("--seed", type=int, default=0)
+    if stand_in:
+        parser.add_argument("--stand-in", action="store_true",
+                            help="use a plain trace instead of egp_fx.compress (development)")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")

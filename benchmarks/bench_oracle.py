@@ -17,7 +17,7 @@ import time
 import torch
 
 import _cases
-from _common import header, setup_logging, write
+from _common import add_run_args, header, setup_logging, write
 from egp_fx.bench import benchmark
 
 log = logging.getLogger("bench_oracle")
@@ -69,19 +69,10 @@ def summary(runs: list[dict]) -> tuple[list[dict], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
-    parser.add_argument("--calib-batches", type=int, default=4)
-    parser.add_argument("--calib-batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stand-in", action="store_true",
-                        help="use fx.symbolic_trace instead of egp_fx.compress (development)")
+    add_run_args(parser, repeats=100, calib_batches=4, img_size=None)
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="leave out compressed-keep-channels (compress without the "
                              "dead_channels pass), the control for channel alignment")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
     args = parser.parse_args()
     if args.quick:
         args.ks, args.batch_sizes, args.repeats, args.warmup = [2], [1], 2, 1

@@ -18,7 +18,7 @@ import time
 import torch
 
 import _cases
-from _common import header, setup_logging, write
+from _common import add_run_args, header, setup_logging, write
 from egp_fx.bench import benchmark
 from egp_fx.tracing import trace
 
@@ -68,17 +68,7 @@ def summary(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["dead", "linear"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--calib-batches", type=int, default=2)
-    parser.add_argument("--calib-batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stand-in", action="store_true",
-                        help="use a plain trace instead of egp_fx.compress (development)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
+    add_run_args(parser, repeats=100)
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.repeats, args.warmup, args.img_size = [1], 2, 1, 64

@@ -21,7 +21,7 @@ import onnx
 import torch
 
 import _cases
-from _common import header, setup_logging, write
+from _common import add_run_args, header, setup_logging, write
 from egp_fx.bench import benchmark
 from egp_fx.export import export_onnx
 from egp_fx.measures import measure
@@ -99,17 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=["resnet18-k4", "vit-dead"],
                         choices=["resnet18-k4", "vit-dead"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
-    parser.add_argument("--img-size", type=int, default=224, help="ViT image size")
-    parser.add_argument("--calib-batches", type=int, default=2)
-    parser.add_argument("--calib-batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stand-in", action="store_true",
-                        help="use a plain trace instead of egp_fx.compress (development)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
+    add_run_args(parser)
     args = parser.parse_args()
     if args.quick:
         args.cases, args.batch_sizes, args.repeats, args.warmup = ["vit-dead"], [1], 2, 1

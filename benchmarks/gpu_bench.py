@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cases  # noqa: E402
-from _common import header, setup_logging  # noqa: E402
+from _common import add_run_args, header, setup_logging  # noqa: E402
 from egp_fx.bench import benchmark  # noqa: E402
 
 log = logging.getLogger("gpu_bench")
@@ -144,17 +144,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=None,
                         help="torch variants (default: fp16, fp16+cudagraph, fp16+compile on "
                         "cuda; fp32, fp32+compile on cpu)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--calib-batches", type=int, default=4)
-    parser.add_argument("--calib-batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_args(parser, batch_sizes=(1, 32), repeats=100, warmup=20, calib_batches=4,
+                 threads=False, quick=False)
     parser.add_argument("--time-budget", type=float, default=480.0,
                         help="seconds after which no further case starts (default 480)")
-    parser.add_argument("--stand-in", action="store_true",
-                        help="use a plain trace instead of egp_fx.compress (development)")
     args = parser.parse_args(argv)
     if args.variants is None:
         args.variants = (["fp16", "fp16+cudagraph", "fp16+compile"] if args.device == "cuda"

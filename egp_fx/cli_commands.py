@@ -256,11 +256,8 @@ def run_prune(args) -> tuple[dict, str]:
                    reinit_epochs=args.reinit_epochs, out_dir=args.out, progress=not args.no_progress)
     files = {}
     if args.out and is_writer():
-        from safetensors.torch import save_file
-        path = Path(args.out) / "pruned.safetensors"
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in result.model.state_dict().items()},
-                  str(path))
-        files["weights"] = str(path)
+        from .saving import save_weights
+        files["weights"] = str(save_weights(result.model, Path(args.out) / "pruned.safetensors"))
     final = result.final
     keys = ("iteration", "method", "accuracy", "sparsity", "params", "nonzero_params",
             "zero_entropy_layers", "off_layers", "on_layers", "activation_layers", "compress")

@@ -71,14 +71,19 @@ def count_flops(module: nn.Module, example) -> int:
     return int(counter.get_total_flops()) // 2
 
 
+def longest_path(order, inputs_of, counted) -> int:
+    """Largest number of nodes for which `counted(node)` holds on any path through a DAG given
+    in topological `order`, with `inputs_of(node)` its predecessors."""
+    best: dict = {}
+    for node in order:
+        best[node] = (1 if counted(node) else 0) + max((best[i] for i in inputs_of(node)), default=0)
+    return max(best.values(), default=0)
+
+
 def longest_path_count(gm: fx.GraphModule, roles: frozenset) -> int:
     """Largest number of nodes whose role is in `roles` on any path from an input to the output."""
-    ops = Ops(gm)
-    best: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:  # fx graphs are stored in topological order
-        here = 1 if ops(node).role in roles else 0
-        best[node] = here + max((best[i] for i in node.all_input_nodes), default=0)
-    return max(best.values(), default=0)
+    ops = Ops(gm)   # fx graphs are stored in topological order
+    return longest_path(gm.graph.nodes, lambda n: n.all_input_nodes, lambda n: ops(n).role in roles)
 
 
 def weighted_depth(gm: fx.GraphModule) -> int:

@@ -209,3 +209,23 @@ def load(path: str | Path) -> Loaded:
     if isinstance(module, fx.GraphModule) and extra[INFO_FILE]:
         module.meta["egp_saved"] = json.loads(extra[INFO_FILE])
     return Loaded(module, json.loads(extra[REPORT_FILE]) if extra[REPORT_FILE] else None)
+
+
+def save_weights(module: nn.Module, path: str | Path) -> Path:
+    """The module's state dict as a safetensors file, written atomically (a temporary file
+    renamed into place, so an interrupted write never leaves a truncated checkpoint). Under an
+    initialised torch.distributed process group only rank 0 writes (every rank holds the same
+    weights); the others return the path."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if not is_writer():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return path

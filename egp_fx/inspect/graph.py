@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from ..attrs import module_path
 from ..measures import NONLINEAR, WEIGHTED
+from ..measures import longest_path as measures_longest_path
 from ..ops import Ops, Role
 from ..stats import EGP_META_KEY, ActivationStats
 from .costs import NodeCost
@@ -96,11 +97,8 @@ def graph_of(gm: fx.GraphModule, *, costs: dict[str, NodeCost] | None = None,
 
 def longest_path(g: nx.DiGraph, attr: str) -> int:
     """Largest number of nodes with a true `attr` on any path through the DAG."""
-    best: dict[str, int] = {}
-    for n in nx.topological_sort(g):
-        here = 1 if g.nodes[n].get(attr) else 0
-        best[n] = here + max((best[p] for p in g.predecessors(n)), default=0)
-    return max(best.values(), default=0)
+    return measures_longest_path(nx.topological_sort(g), g.predecessors,
+                                 lambda n: bool(g.nodes[n].get(attr)))
 
 
 def depths(g: nx.DiGraph) -> dict[str, int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+from ..saving import save_weights
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_CHECKPOINT = DATA_DIR / "demo_resnet18_digits.safetensors"
@@ -90,15 +91,11 @@ def save_model(model: nn.Module, config: ResNetConfig, weights_path: str | Path,
                config_path: str | Path, extra: dict | None = None) -> None:
     """Weights as safetensors, the config (plus `extra`, e.g. data normalisation) as JSON; under
     an initialised torch.distributed process group, by rank 0 alone."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     from ..distributed import is_writer  # noqa: PLC0415
 
     if not is_writer():
         return
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights_path))
+    save_weights(model, weights_path)
     Path(config_path).write_text(json.dumps({**asdict(config), **(extra or {})}, indent=2) + "\n")
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import PruneError
+from ..saving import save_weights
 
 LOG_NAME = "log.json"
 REINIT_NAME = "reinit.safetensors"
@@ -71,12 +72,7 @@ def checkpoint_path(out_dir: Path, iteration: int) -> Path:
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    save_weights(model, path)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
