@@ -14,7 +14,7 @@ printed by rank 0 as PASS or FAIL with its numbers:
                 one process's on the union
     prune       one IMP round of one epoch under DDP: weights and masks the same on every rank
     backend     (NCCL only) calibrating on the CPU in an NCCL group is a DistributedError
-The exit code is 1 when a check fails. The models and data come from tests/dist_cases.py.
+The exit code is 1 when a check fails. The models and data come from tests/dist_cases.py and tests/dist_prune_cases.py.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dist_cases as cases  # noqa: E402
+import dist_prune_cases as prune_cases  # noqa: E402
 
 import egp_fx  # noqa: E402
 from egp_fx.distributed import exchange, launch, rank, world_size  # noqa: E402
@@ -93,11 +94,11 @@ def main() -> int:
           f"max error {small['report']['max_error']:.3g}")
 
     from egp_fx.prune import FinetuneConfig, prune  # noqa: PLC0415
-    train, val = cases.digits_loaders(world, me, cases.RANK_BATCH)
-    result = prune(cases.tiny_net(me), train, method="imp", iterations=1, val_loader=val,
+    train, val = prune_cases.digits_loaders(world, me, prune_cases.RANK_BATCH)
+    result = prune(prune_cases.tiny_net(me), train, method="imp", iterations=1, val_loader=val,
                    finetune=FinetuneConfig(epochs=1, lr=0.05, device=device),
                    measure_compress=False, progress=False)
-    pruned = cases.pruned_of(result, ["conv1", "conv2", "fc"])
+    pruned = prune_cases.pruned_of(result, ["conv1", "conv2", "fc"])
     marks = exchange(digest(pruned["state"]) + digest(pruned["masks"]), "check: pruned")
     check("prune", len(set(marks)) == 1, f"accuracy {pruned['accuracy']}, sparsity "
           f"{pruned['sparsity'][-1]:.3f}, identical on all {world} ranks: {len(set(marks)) == 1}")

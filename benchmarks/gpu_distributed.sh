@@ -47,7 +47,7 @@ COMPRESS=(compress planted_models:planted_net --data random --input-size 3x16x16
           --num-batches 3 --batch-size 8 --no-onnx --json --no-progress)
 step cli_compress_ranks 180 "${TR[@]}" --master_port "$(port)" --nproc_per_node "$N" -m egp_fx "${COMPRESS[@]}" --device $DEV
 step cli_compress_one 180 $PY -m egp_fx "${COMPRESS[@]}" --device $DEV0
-PRUNE=(prune dist_cases:tiny_net --data digits --input-size 8 --method imp --iterations 1
+PRUNE=(prune dist_prune_cases:tiny_net --data digits --input-size 8 --method imp --iterations 1
        --epochs 1 --lr 0.05 --batch-size 32 --num-batches 4 --json --no-progress)
 step cli_prune_ranks 180 "${TR[@]}" --master_port "$(port)" --nproc_per_node "$N" -m egp_fx \
     "${PRUNE[@]}" --device $DEV --out "$OUT/prune_ranks"

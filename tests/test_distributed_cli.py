@@ -21,7 +21,7 @@ from egp_fx.distributed import launch
 ROOT = Path(__file__).resolve().parents[1]
 COMPRESS = ["compress", "planted_models:planted_net", "--data", "random", "--input-size",
             "3x16x16", "--num-batches", "3", "--batch-size", "8", "--no-onnx", "--json", "--no-progress"]
-PRUNE = ["prune", "dist_cases:tiny_net", "--data", "digits", "--input-size", "8", "--method",
+PRUNE = ["prune", "dist_prune_cases:tiny_net", "--data", "digits", "--input-size", "8", "--method",
          "imp", "--iterations", "1", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
          "--num-batches", "4", "--json", "--no-progress"]
 

@@ -1,11 +1,11 @@
 """prune across 2 gloo ranks under DistributedDataParallel, against one process with the same
-global batch (tests/dist_cases.py: prune_cases)."""
+global batch (tests/dist_prune_cases.py: prune_cases)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dist_cases import RANK_BATCH, dense_digits_model, digits_loaders, egp_round, \
+from dist_prune_cases import RANK_BATCH, dense_digits_model, digits_loaders, egp_round, \
     egp_round_on_ranks, prune_cases, pruned_of, tiny_net
 from egp_fx.prune import FinetuneConfig, prune
 from spawn_ranks import run_ranks
