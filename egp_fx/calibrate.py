@@ -5,7 +5,7 @@ an observer call inserted before every activation call; the generated code runs 
 plain forward, and each observer reduces its input with a handful of tensor ops on the device.
 The records end up in node.meta["egp"] of the returned, uninstrumented GraphModule. Under an
 initialised torch.distributed process group the records are reduced over all ranks
-(distributed.py), so every rank ends with the statistics of all the data.
+(distributed/calibration.py), so every rank ends with the statistics of all the data.
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 
 from .capture import capture, rejected
 from .channels import channel_axis
+from . import distributed as ranks
+from .activations import GELU_MARGINS, SILU_MARGINS, region_spec
 from .copying import device_of, moved
 from .data import Batch, iter_batches, loader_length
+from .distributed import calibration as across
 from .errors import CalibrationError
 from .ops import Ops, main_input
-from .activations import GELU_MARGINS, SILU_MARGINS, region_spec
 from .shapes import failing_node, propagate
 from .stats import EGP_META_KEY, StatsAccumulator
 
@@ -75,43 +77,24 @@ def accumulators_for(gm: fx.GraphModule, example: Batch | None, gelu_margins=GEL
     return out
 
 
-def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | None = None,
-              device: torch.device | str | None = None, input_key: str | None = None,
-              progress: bool = True, gelu_margins: tuple[float, float] = GELU_MARGINS,
-              silu_margins: tuple[float, float] = SILU_MARGINS, capture_mode: str = "auto",
-              distributed: bool | None = None, on_output=None) -> fx.GraphModule:
-    """Capture `model` and record, per activation call, its region statistics.
+def _check_backend(device: torch.device) -> None:
+    """The process group must reduce data from `device`; a rank that cannot says so in the
+    store before it stops (the others then name it)."""
+    try:
+        ranks.backend_device(device)
+    except Exception as err:
+        ranks.report_failure("calibration: backend check", err)
+        raise
 
-    Returns the captured GraphModule (on `device`, eval mode) with an ActivationStats record in
-    node.meta["egp"] of every activation node. `model` itself is never modified. The loader may
-    yield tensors, (input, ...) tuples or dicts of tensors (egp_fx.data). `capture_mode`:
-    "auto" (torch.fx, then torch.export), "fx" or "export". `distributed`: reduce the statistics
-    over the ranks of the default process group (default: when one is initialised).
-    `on_output(batch, output)`, when given, sees the model's output for every batch (compress
-    keeps the references it verifies against this way, without another forward).
-    """
-    from . import distributed as dist_stats  # noqa: PLC0415  (imports torch.distributed lazily)
 
-    if isinstance(model, nn.Module) and model.training:
-        log.warning("calibrate: the model is in training mode; statistics are taken in eval mode "
-                    "on a copy (the model you passed is left as it is)")
-    device = torch.device(device) if device is not None else device_of(model)
-    batches = iter_batches(calib_loader, max_batches=max_batches, input_key=input_key,
-                           device=device_of(model))
-    reduce = dist_stats.enabled(distributed)
-    first, counted = (next(batches, None), True) if not reduce else dist_stats.first_batch(batches)
-    gm = capture(model, first, mode=capture_mode)
-    gm = moved(gm, device)
-    accumulators = accumulators_for(gm, first.to(device) if first is not None else None,
-                                    gelu_margins, silu_margins)
-    if not accumulators:
-        log.warning("calibrate: the model has no supported activation calls")
+def _observe(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator], batches: Iterable,
+             device: torch.device, total: int | None, progress: bool, on_output=None) -> None:
+    """The local pass: every batch through the instrumented copy of gm (on_output sees each
+    batch's output)."""
     inst = _instrument(gm, accumulators)
-    rest = itertools.chain([first] if first is not None and counted else [], batches)
-    bar = tqdm(total=loader_length(calib_loader, max_batches), desc="calibrate", unit="batch",
-               disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="calibrate", unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
-        for i, batch in enumerate(rest):
+        for i, batch in enumerate(batches):
             batch = batch.to(device)
             try:
                 out = batch(inst)
@@ -122,8 +105,50 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
                 on_output(batch, out)
             bar.update(1)
     bar.close()
+
+
+def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | None = None,
+              device: torch.device | str | None = None, input_key: str | None = None,
+              progress: bool = True, gelu_margins: tuple[float, float] = GELU_MARGINS,
+              silu_margins: tuple[float, float] = SILU_MARGINS, capture_mode: str = "auto",
+              distributed: bool | None = None, on_output=None) -> fx.GraphModule:
+    """Capture `model` and record, per activation call, its region statistics.
+
+    Returns the captured GraphModule (on `device`, eval mode) with an ActivationStats record in
+    node.meta["egp"] of every activation node. `model` itself is never modified. The loader may
+    yield tensors, (input, ...) tuples or dicts of tensors (egp_fx.data). `capture_mode`:
+    "auto" (torch.fx, then torch.export), "fx" or "export". `on_output(batch, output)`, when
+    given, sees the model's output for every batch of this rank (compress keeps the references
+    it verifies against this way, without another forward).
+
+    `distributed`: reduce the statistics over the ranks of the default torch.distributed process
+    group (default: when one is initialised; False keeps them local). Each rank then passes its
+    own shard (`max_batches` counts per rank); shards may be uneven or empty, and every rank
+    returns the statistics of the union of the shards (egp_fx.distributed.calibration). A rank
+    that fails makes every rank stop with an error naming it.
+    """
+    if isinstance(model, nn.Module) and model.training:
+        log.warning("calibrate: the model is in training mode; statistics are taken in eval mode "
+                    "on a copy (the model you passed is left as it is)")
+    device = torch.device(device) if device is not None else device_of(model)
+    reduce = ranks.enabled(distributed)
     if reduce:
-        dist_stats.reduce(accumulators)
+        _check_backend(device)
+    batches = iter_batches(calib_loader, max_batches=max_batches, input_key=input_key,
+                           device=device_of(model), allow_empty=reduce)
+    with ranks.together("calibration: first batch", reduce):
+        first = next(batches, None)
+    first, counted = across.first_batch(first, device_of(model), model) if reduce \
+        else (first, True)
+    with ranks.together("calibration", reduce):
+        gm = moved(capture(model, first, mode=capture_mode), device)
+        accumulators = accumulators_for(gm, first.to(device), gelu_margins, silu_margins)
+        if not accumulators:
+            log.warning("calibrate: the model has no supported activation calls")
+        _observe(gm, accumulators, itertools.chain([first] if counted else [], batches), device,
+                 loader_length(calib_loader, max_batches), progress, on_output)
+    if reduce:
+        across.reduce(accumulators, device)
     for node in gm.graph.nodes:
         if node.name in accumulators:
             node.meta[EGP_META_KEY] = accumulators[node.name].finish()

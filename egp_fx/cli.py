@@ -11,6 +11,8 @@
 MODEL is a torchvision or timm model name, or package.module:factory (cli_models.py); DATA is a
 folder of images, a .npy/.npz/.pt file, `digits` or `random` (cli_data.py). Every command runs
 compress in-process from the model, checkpoint and data, so no pickled module is ever stored.
+Under `torchrun --nproc_per_node N egp-fx ...` the same commands run on N processes: each takes
+its share of the data, rank 0 alone prints and writes files (egp_fx/distributed/launch.py).
 --json prints one JSON object on stdout (also on failure); progress bars and warnings go to stderr.
 
 Exit codes:
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -78,7 +81,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-batches", type=int,
                    help="batches to use (default: 4 to calibrate; all of them to prune)")
     g.add_argument("--data-key", help="array name in a .npz/.pt file holding the inputs")
-    g.add_argument("--seed", type=int, default=0, help="seed of --data random")
+    g.add_argument("--seed", type=int, default=0, help="seed of --data random (and, under "
+                   "torchrun, of the model's initialisation, the same on every process)")
 
 
 def _compress_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then re-initialise the surviving layers and train them from scratch")
     p.add_argument("--reinit-epochs", type=int,
                    help="epochs of the ablation (default: iterations x epochs)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu; under torchrun, cuda "
+                   "is each process's own GPU)")
     p = _command(sub, "demo", "run the egp_fx demonstration", model=False, data=False,
                  compress=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the demo")
@@ -182,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args) -> None:
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
         min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="egp-fx: %(levelname)s: %(name)s: %(message)s",
+    from .distributed import launch
+    who = f"egp-fx[rank {os.environ['RANK']}]" if launch.launched() else "egp-fx"
+    logging.basicConfig(level=level, format=who + ": %(levelname)s: %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
 
 
@@ -210,10 +218,12 @@ def _fail(err: BaseException, code: int, args, as_json: bool) -> int:
     message = str(err) if code != EXIT_INTERNAL else (
         f"internal error: {type(err).__name__}: {str(err).rstrip('.')}. Rerun with -v for the "
         "traceback, and please report it.")
-    if as_json:
+    from .distributed import is_writer, launch
+    if as_json and is_writer():
         print(json.dumps({"ok": False, "exit_code": code, "error": message,
                           "error_kind": EXIT_CODES.get(code, "error")}))
-    print(f"egp-fx: error: {message}", file=sys.stderr)
+    who = f"egp-fx[rank {os.environ['RANK']}]" if launch.launched() else "egp-fx"
+    print(f"{who}: error: {message}", file=sys.stderr)
     if args is not None and getattr(args, "verbose", 0) and code != EXIT_USAGE:
         traceback.print_exception(err, file=sys.stderr)
     return code
@@ -229,16 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass  # run_demo below reports it with exit code 2
         else:
             return demo_main(argv[1:])
-    as_json, args = "--json" in argv, None
+    as_json, args, created = "--json" in argv, None, False
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args)
         from . import cli_commands
+        from .distributed import is_writer, launch
+        created = launch.setup(getattr(args, "device", None))   # under torchrun
         result, text = getattr(cli_commands, f"run_{args.command}")(args)
-        if args.json:
+        if args.json and is_writer():
             print(json.dumps({"ok": "error" not in result, "command": args.command, **result},
                              default=str))
-        elif text:
+        elif text and is_writer():
             print(text)
         return result.get("exit_code", EXIT_OK)
     except SystemExit as err:  # --help, --version
@@ -247,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err, EXIT_INTERRUPTED, args, as_json)
     except Exception as err:  # every failure becomes a message and a documented exit code
         return _fail(err, _classify(err), args, as_json)
+    finally:
+        if created:
+            from .distributed import launch
+            launch.teardown()
 
 
 if __name__ == "__main__":  # pragma: no cover

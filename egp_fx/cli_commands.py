@@ -17,6 +17,7 @@ from torch import nn
 from .cli import EXIT_BENCH, EXIT_EXPORT, EXIT_USAGE, CLIError
 from .cli_data import CalibrationData, DataError, calibration_data, parse_input_size
 from .cli_models import default_input_size, load_model
+from .distributed import enabled, is_writer, launch, world_size
 from .report import original_of, report_of
 
 log = logging.getLogger(__name__)
@@ -30,24 +31,31 @@ class _Inputs:
 
 
 def _warn(args, message: str) -> None:
-    if not args.quiet:
+    if not args.quiet and is_writer():
         print(f"egp-fx: warning: {message}", file=sys.stderr)
 
 
-def _inputs(args, *, num_batches: int | None = DEFAULT_CALIB_BATCHES) -> _Inputs:
+def _inputs(args, *, num_batches: int | None = DEFAULT_CALIB_BATCHES,
+            shard: str = "batches") -> _Inputs:
+    """Model and data; across ranks, this rank's share of the data (`shard`: launch.py), and a
+    model initialised from the same seed on every rank when no checkpoint gives its weights."""
+    if enabled(None):
+        import torch
+        torch.manual_seed(args.seed)
     model = load_model(args.model, checkpoint=args.checkpoint, source=args.source,
                        num_classes=args.num_classes)
     size = parse_input_size(args.input_size) or default_input_size(model)
     data = calibration_data(args.data, input_size=size, batch_size=args.batch_size,
                             num_batches=args.num_batches if args.num_batches is not None else num_batches,
-                            data_key=args.data_key, seed=args.seed)
+                            data_key=args.data_key, seed=args.seed,
+                            shard=shard if enabled(None) else None)
     for w in data.warnings:
         _warn(args, w)
     return _Inputs(model, data)
 
 
 def _compress_options(args) -> dict:
-    opts: dict = {"progress": not args.no_progress, "target": args.target,
+    opts: dict = {"progress": not args.no_progress and is_writer(), "target": args.target,
                   "capture": args.capture}
     if args.tolerance is not None:
         opts["tolerance"] = args.tolerance
@@ -58,7 +66,7 @@ def _compress_options(args) -> dict:
     if args.channel_multiple is not None:
         opts["channel_multiple"] = args.channel_multiple
     if args.device:
-        opts["device"] = args.device
+        opts["device"] = launch.rank_device(args.device)
     if args.passes:
         from .passes import PASSES
         names = tuple(p.strip() for p in args.passes.split(",") if p.strip())
@@ -103,7 +111,7 @@ def run_compress(args) -> tuple[dict, str]:
     report = gm.meta["egp_report"]
     result = {**_base(args, inputs), "report": report.to_dict(),
               "decisions": _decision_counts(gm), "files": {}}
-    if args.out:
+    if args.out and is_writer():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         ins = _inspection(args, inputs, gm)
@@ -138,6 +146,8 @@ def run_inspect(args) -> tuple[dict, str]:
         bench = path.read_text(encoding="utf-8")
     ins = _inspection(args, inputs, _compressed(args, inputs), bench)
     files = {}
+    if not is_writer():
+        return {}, ""
     if args.html:
         files["html"] = str(ins.write_html(args.html))
     if args.pictures:
@@ -158,6 +168,8 @@ def _flat(values) -> list[str]:
 def run_export(args) -> tuple[dict, str]:
     inputs = _inputs(args)
     module = inputs.model if args.original else _compressed(args, inputs)
+    if not is_writer():
+        return {}, ""
     res = _export(module, Path(args.out), inputs.data.example, args.opset)
     result = {**_base(args, inputs), "path": str(res.path), "opset": res.opset,
               "exporter": res.exporter, "max_abs_err": res.max_abs_err,
@@ -184,6 +196,8 @@ def run_bench(args) -> tuple[dict, str]:
     variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
     inputs = _inputs(args)
     gm = _compressed(args, inputs)
+    if not is_writer():                # one process times the models: the others would compete
+        return {}, ""
     try:
         bench = benchmark({"original": inputs.model, "compressed": gm}, inputs.data.example[:1],
                           batch_sizes=sizes, backends=backends, repeats=args.repeats,
@@ -225,18 +239,23 @@ def run_prune(args) -> tuple[dict, str]:
     except ImportError as err:
         raise CLIError(f"egp-fx prune needs egp_fx.prune, which is not available here ({err})",
                        EXIT_USAGE) from err
-    inputs = _inputs(args, num_batches=None)
+    if enabled(None) and args.batch_size % world_size():
+        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                       f"processes ({world_size()}): each takes an equal part of every batch",
+                       EXIT_USAGE)
+    inputs = _inputs(args, num_batches=None, shard="samples")
     if not inputs.data.labelled:
         raise DataError(f"--data {args.data}: pruning fine-tunes the model and needs labels "
                         "(class sub-folders, a y/labels array, or 'digits')")
     _check_classes(inputs, args)
     augment = augment_preset(args.augment)          # argparse has checked the name
     result = prune(inputs.model, inputs.data.loader, method=args.method, iterations=args.iterations,
-                   ratio=args.ratio, finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr),
+                   ratio=args.ratio, finetune=FinetuneConfig(
+                       epochs=args.epochs, lr=args.lr, device=launch.rank_device(args.device)),
                    imp_scope=args.imp_scope, augment=augment, reinit_ablation=args.reinit_ablation,
                    reinit_epochs=args.reinit_epochs, out_dir=args.out, progress=not args.no_progress)
     files = {}
-    if args.out:
+    if args.out and is_writer():
         from .saving import save_weights
         files["weights"] = str(save_weights(result.model, Path(args.out) / "pruned.safetensors"))
     final = result.final

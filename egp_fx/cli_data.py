@@ -227,8 +227,12 @@ class _Inputs:
 
 def calibration_data(spec: str, *, input_size: tuple[int, ...] | None, batch_size: int = 16,
                      num_batches: int | None = 4, data_key: str | None = None,
-                     seed: int = 0) -> CalibrationData:
-    """Open `spec` (see the module docstring) as a loader of at most `num_batches` batches."""
+                     seed: int = 0, shard: str | None = None) -> CalibrationData:
+    """Open `spec` (see the module docstring) as a loader of at most `num_batches` batches.
+
+    `shard` (under torchrun, egp_fx.distributed.launch): "batches" gives this rank whole
+    batches in turn, "samples" its part of every batch (batch_size must divide by the number
+    of processes). The example is the first batch of the unsharded data on every rank."""
     if batch_size <= 0 or (num_batches is not None and num_batches <= 0):
         raise DataError("--batch-size and --num-batches must be positive")
     warnings = []
@@ -248,7 +252,14 @@ def calibration_data(spec: str, *, input_size: tuple[int, ...] | None, batch_siz
     else:
         raise DataError(f"--data {spec}: no such file or folder, and not a built-in dataset "
                         "('digits', 'random')")
-    loader = _Inputs(DataLoader(dataset, batch_size=batch_size, shuffle=False), num_batches)
+    whole = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = _Inputs(whole, num_batches)
     first = next(iter(loader))
+    if shard is not None:
+        from .distributed import launch  # noqa: PLC0415
+
+        loader = _Inputs(launch.shard_batches(dataset, batch_size, num_batches), None) \
+            if shard == "batches" else _Inputs(launch.shard_samples(dataset, batch_size),
+                                                num_batches)
     example = first[0] if isinstance(first, (tuple, list)) else first
     return CalibrationData(loader, example, labelled, desc, warnings)

@@ -26,9 +26,11 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as ranks
 from .calibrate import calibrate
 from .copying import device_of, own_tensors, structural_copy, tensor_bytes
 from .data import Batch, iter_batches
+from .distributed import verification as shared
 from .errors import CompressError
 from .layer import CAPTURE_META_KEY
 from .measures import measure
@@ -46,15 +48,17 @@ from .verify import ErrorMeter, Verifier, tensor_leaves
 log = logging.getLogger(__name__)
 
 
-def output_error(gm: nn.Module, batches: list, refs: list[list[torch.Tensor]]) -> float:
+def output_error(gm: nn.Module, batches: list, refs: list[list[torch.Tensor]],
+                 combine: Callable | None = None, what: str = "output error") -> float:
     """max |y - y_ref| / max |y_ref| over all outputs and batches (0 when identical); inf when an
-    output has a NaN/Inf the reference lacks, or its structure differs."""
+    output has a NaN/Inf the reference lacks, or its structure differs. `combine`: over the
+    batches of every rank (egp_fx.distributed.verification)."""
     meter = ErrorMeter()
     with torch.no_grad():
         for batch, ref in zip(batches, refs):
             batch = batch if isinstance(batch, Batch) else Batch((batch,))
             meter.add(tensor_leaves(batch(gm)), ref)
-    return meter.error
+    return (combine(meter, what) if combine is not None else meter).error
 
 
 def _first_samples(batches: list[Batch], n: int | None) -> list[Batch]:
@@ -252,31 +256,38 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     share_weights     let the result share the layers it did not rewrite with `model` (no copy;
                       then do not train either in place)
     calibrated        a GraphModule from calibrate() to reuse instead of calibrating again
-    distributed       reduce calibration statistics over torch.distributed ranks (default: when
-                      a process group is initialised)
+    distributed       work across the ranks of the default torch.distributed process group
+                      (default: when one is initialised; False keeps the call local): each rank
+                      passes its own shard (and held-out shard); statistics are reduced, the
+                      verification errors combined, and every rank returns the same graph
+                      (egp_fx.distributed.verification)
     """
     passes = _check_options(passes, cost, latency_fn, target)
-    if calibrated is None:
-        check_fits(model, device, share_weights)
-    batches = [b.to("cpu") for b in iter_batches(calib_loader, max_batches=max_batches,
-                                                  input_key=input_key)]
+    reduce = ranks.enabled(distributed)
+    with ranks.together("compress: calibration data", reduce):
+        if calibrated is None:
+            check_fits(model, device, share_weights)
+        batches = [b.to("cpu") for b in iter_batches(calib_loader, max_batches=max_batches,
+                                                      input_key=input_key, allow_empty=reduce)]
+        holdout = [b.to("cpu") for b in iter_batches(holdout_loader, input_key=input_key,
+                                                      allow_empty=reduce)] \
+            if holdout_loader is not None else []
     keeper = _Keeper(model)
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
-        distributed=distributed, on_output=keeper)
+        distributed=reduce, on_output=keeper)
     dev = device_of(original)
-    batches = [b.to(dev) for b in batches]
-    holdout = [b.to(dev) for b in iter_batches(holdout_loader, input_key=input_key)] \
-        if holdout_loader is not None else []
+    batches, holdout = [b.to(dev) for b in batches], [b.to(dev) for b in holdout]
     t0 = time.perf_counter()
     if calibrated is not None:
         keeper.outputs = None
     refs = keeper.refs(original, batches)
     holdout_refs = _outputs(original, holdout)
-    verifier = Verifier(original, _first_samples(batches, verify_samples) + holdout,
-                        _heads(refs, batches, verify_samples) + holdout_refs, tolerance,
-                        approx_tolerance)
-    example = batches[0].head(1)
+    example, take, combine = shared.plan(batches, verify_samples, reduce)
+    example = example.to(dev)
+    verifier = Verifier(original, _first_samples(batches, take) + holdout,
+                        _heads(refs, batches, take) + holdout_refs, tolerance,
+                        approx_tolerance, combine)
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
                             target=target, capture=original.meta.get("egp_capture"))
     gm = structural_copy(original)
@@ -287,9 +298,9 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
                           timings=timings)
     gm = _Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
     report.after = measure(gm, example)
-    report.max_error = output_error(gm, batches, refs)
-    if holdout:
-        report.holdout_error = output_error(gm, holdout, holdout_refs)
+    report.max_error = output_error(gm, batches, refs, combine)
+    if holdout_loader is not None:
+        report.holdout_error = output_error(gm, holdout, holdout_refs, combine, "held-out error")
     del refs, verifier        # the result gets its own copy of the weights last: the peak is
     if not share_weights:     # that copy, not that copy plus a forward's activations
         own_tensors(gm, model)

@@ -120,8 +120,10 @@ def check_finite(batch: Batch, index: int) -> None:
 
 
 def iter_batches(loader: Iterable, *, max_batches: int | None = None, input_key: str | None = None,
-                 device: torch.device | str | None = None) -> Iterator[Batch]:
-    """Yield checked Batches (moved to `device`); raise CalibrationError on an empty loader."""
+                 device: torch.device | str | None = None, allow_empty: bool = False
+                 ) -> Iterator[Batch]:
+    """Yield checked Batches (moved to `device`); raise CalibrationError on an empty loader
+    unless `allow_empty` (a rank's shard may be empty: the ranks decide together)."""
     count = 0
     for i, item in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -130,7 +132,7 @@ def iter_batches(loader: Iterable, *, max_batches: int | None = None, input_key:
         check_finite(batch, i)
         count += 1
         yield batch.to(device) if device is not None else batch
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise CalibrationError("the calibration loader yielded no batches")
 
 

@@ -40,6 +40,7 @@ from torch.export import Dim
 
 from .copying import moved, structural_copy, tensor_bytes
 from .data import Batch, as_batch
+from .distributed import is_writer
 from .errors import SaveError
 from .pickling import pickled_meta
 from .report import EXAMPLE_META_KEY, REPORT_META_KEY
@@ -57,7 +58,7 @@ FORMAT = 1
 class Saved:
     path: Path
     dynamic: dict[str, dict[int, str]]      # input name -> {axis: "batch" | "sequence"}
-    bytes: int                              # size of the file
+    bytes: int                              # size of the file (0: another rank wrote it)
     tensor_bytes: int                       # parameters and constants of the module saved
     max_rel_err: float                      # program vs module on the example(s)
     inputs: list[str] = field(default_factory=list)
@@ -150,7 +151,9 @@ def _check(program, model: nn.Module, batches: list[Batch]) -> float:
 def save(module: nn.Module, path: str | Path, example: Any = None, *, dynamic_batch: bool = True,
          dynamic_sequence: bool | None = None, tolerance: float = DEFAULT_TOLERANCE) -> Saved:
     """Write `module` (what compress returned, or any exportable module) to `path` as a
-    torch.export program with its report inside; see the module docstring."""
+    torch.export program with its report inside; see the module docstring. Under an
+    initialised torch.distributed process group only rank 0 writes the file (the others check
+    the program and return its record with bytes 0)."""
     path = Path(path)
     batch = _example(module, example).map(lambda t: t.detach().cpu())
     dynamic_sequence = bool(batch.kwargs) if dynamic_sequence is None else dynamic_sequence
@@ -171,6 +174,8 @@ def save(module: nn.Module, path: str | Path, example: Any = None, *, dynamic_ba
             "dynamic": {k: {str(a): n for a, n in v.items()} for k, v in dynamic.items()},
             "torch": torch.__version__, "max_rel_err": err}
     extra = {INFO_FILE: json.dumps(info)} | ({REPORT_FILE: report} if report else {})
+    if not is_writer():          # across ranks every rank holds the same module: rank 0 writes it
+        return Saved(path, dynamic, 0, tensor_bytes(model), err, _names(batch))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.export.save(program, str(path), extra_files=extra)
@@ -208,12 +213,16 @@ def load(path: str | Path) -> Loaded:
 
 def save_weights(module: nn.Module, path: str | Path) -> Path:
     """The module's state dict as a safetensors file, written atomically (a temporary file
-    renamed into place, so an interrupted write never leaves a truncated checkpoint)."""
+    renamed into place, so an interrupted write never leaves a truncated checkpoint). Under an
+    initialised torch.distributed process group only rank 0 writes (every rank holds the same
+    weights); the others return the path."""
     import os
 
     from safetensors.torch import save_file
 
     path = Path(path)
+    if not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")

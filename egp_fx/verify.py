@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -181,16 +182,23 @@ class Verifier:
     its float64 output) where that is larger: a rewrite whose error is below the noise floor of
     the model it replaces cannot be told apart from rounding. An output with a NaN or Inf the
     reference lacks is never accepted, and never re-checked.
+
+    `combine(meter, what)`, when given, turns each measured meter into the one every rank of a
+    process group agrees on (egp_fx.distributed.verification): every decision, the float64
+    re-check included, is then taken on the combined numbers, the same on every rank.
     """
 
     def __init__(self, original, batches: list, refs32: list, tolerance: float,
-                 approx_tolerance: float):
+                 approx_tolerance: float,
+                 combine: Callable[[ErrorMeter, str], ErrorMeter] | None = None):
         self.original, self.batches, self.refs32 = original, batches, refs32
         self.tolerance, self.approx_tolerance = tolerance, approx_tolerance
+        self.combine = combine
         self._refs64: list | None = None
+        self._float64: bool | None = None      # None: not tried yet
         self.noise = 0.0
 
-    def _measure(self, run, refs) -> ErrorMeter:
+    def _measure(self, run, refs, what: str = "verify") -> ErrorMeter:
         """The error over all batches; a module that raises fails with the exception as reason."""
         meter = ErrorMeter()
         with torch.no_grad():
@@ -203,22 +211,34 @@ class Verifier:
                 meter.add(out, ref)
                 if meter.failed:
                     break
-        return meter
+        return self.combine(meter, what) if self.combine is not None else meter
+
+    def _float64_ready(self) -> bool:
+        """Float64 references (and the original's own float32 noise) once; False when some op
+        has no float64 support (on any rank: the ranks decide together), and float32 decides."""
+        if self._refs64 is None and self._float64 is None:
+            probe = ErrorMeter()
+            try:
+                self._refs64 = [run_float64(self.original, b) for b in self.batches]
+            except Exception as err:  # noqa: BLE001  (an op without float64 support)
+                log.debug("float64 re-check not possible; the float32 error decides", exc_info=True)
+                probe.reason = f"no float64: {type(err).__name__}"
+            if self.combine is not None:
+                probe = self.combine(probe, "float64 references")
+            self._float64 = not probe.failed
+            if self._float64:
+                self.noise = self._measure(lambda b: tensor_leaves(b(self.original)),
+                                           self._refs64, "float32 noise").error
+        return bool(self._float64)
 
     def error(self, gm, limit: float = 0.0) -> tuple[float, str | None]:
         """(output error of gm, why it is infinite or None); float64 beyond `limit`."""
-        meter = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32)
+        meter = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32, "float32 error")
         if meter.failed or meter.error <= limit:
             return meter.error, meter.reason
-        try:
-            if self._refs64 is None:
-                self._refs64 = [run_float64(self.original, b) for b in self.batches]
-                self.noise = self._measure(lambda b: tensor_leaves(b(self.original)),
-                                           self._refs64).error
-        except Exception:  # noqa: BLE001  (an op without float64 support: float32 decides)
-            log.debug("float64 re-check not possible; the float32 error decides", exc_info=True)
+        if not self._float64_ready():
             return meter.error, meter.reason
-        meter64 = self._measure(lambda b: run_float64(gm, b), self._refs64)
+        meter64 = self._measure(lambda b: run_float64(gm, b), self._refs64, "float64 error")
         return (meter.error, meter.reason) if meter64.reason and meter64.reason.startswith(
             "raises") else (meter64.error, meter64.reason)
 

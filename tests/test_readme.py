@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import io
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ def stand_ins() -> dict:
             "train_loader": list(zip(images, labels)), "val_loader": list(zip(images, labels))}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_blocks(blocks: list[str], namespace: dict) -> None:
     """Execute the blocks in order in one namespace, as a reader would; SnippetError names the
     block that raised."""
@@ -50,8 +57,15 @@ def test_the_readme_has_python_snippets():
 
 def test_every_readme_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}.items():
+        monkeypatch.setenv(key, value)               # the snippet of one rank under torchrun
     namespace = stand_ins()
-    run_blocks(BLOCKS, namespace)
+    try:
+        run_blocks(BLOCKS, namespace)
+    finally:                                         # a snippet that failed left its group
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     written = {p.name for p in tmp_path.iterdir()}
     for name in re.findall(r'"([\w.-]+\.(?:onnx|html|pt2))"', "\n".join(BLOCKS)):
         assert name in written, name            # every file a snippet names was written

@@ -10,6 +10,10 @@
 
 Everything is derived from the compressed GraphModule: its CompressReport (gm.meta["egp_report"])
 and the calibrated original (gm.meta["egp_original"]). Nothing is modified.
+
+Under an initialised torch.distributed process group every rank holds the same compressed model
+(egp_fx.distributed), and only rank 0 writes files: on the other ranks write_html,
+write_pictures and save_graph write nothing and return the path (html() still renders).
 """
 from __future__ import annotations
 
@@ -73,6 +77,8 @@ class Inspection:
 
     def save_graph(self, path: str | Path, *, after: bool = False) -> Path:
         """Save the annotated original (or, with after=True, compressed) graph: .graphml or .json."""
+        if _not_writer(path):
+            return Path(path)
         return save_graph(self.graph_after if after else self.graph, path)
 
     def figures(self) -> dict:
@@ -87,6 +93,8 @@ class Inspection:
         """Write every figure in each format to `directory`; returns the paths written."""
         from .picture import save_figure
         directory = Path(directory)
+        if _not_writer(directory):
+            return []
         directory.mkdir(parents=True, exist_ok=True)
         return [p for name, fig in self.figures().items()
                 for p in save_figure(fig, directory / name, formats)]
@@ -98,10 +106,21 @@ class Inspection:
 
     def write_html(self, path: str | Path) -> Path:
         path = Path(path)
+        if _not_writer(path):
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.html(), encoding="utf-8")
         log.info("wrote %s", path)
         return path
+
+
+def _not_writer(path) -> bool:
+    """True on a rank other than 0 of an initialised process group: it writes no file."""
+    from ..distributed import is_writer, rank
+    if is_writer():
+        return False
+    log.debug("rank %d: %s is written by rank 0", rank(), path)
+    return True
 
 
 def _example_input(gm: fx.GraphModule, given) -> Batch:

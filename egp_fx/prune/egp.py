@@ -31,7 +31,9 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as ranks
 from ..calibrate import calibrate
+from ..distributed import training as across
 from ..data import batch_label
 from ..tracing import trace
 from .allocation import allocate
@@ -51,13 +53,14 @@ METHODS = ("egp", "imp")
 IMP_SCOPES = ("all", "prunable")
 
 
-def _check_labels(loader: Iterable, config: FinetuneConfig) -> None:
+def _check_labels(loader: Iterable, config: FinetuneConfig, allow_empty: bool = False) -> None:
     for batch in loader:
         if batch_label(batch, config.label_key) is None:
             raise PruneError("the training loader yields no labels: prune() fine-tunes, so it needs "
                              "(input, label) batches (or dicts with label_key=)")
         return
-    raise PruneError("the training loader yielded no batches")
+    if not allow_empty:            # across ranks, fine-tuning checks that some rank has data
+        raise PruneError("the training loader yielded no batches")
 
 
 def _check_args(method: str, iterations: int, ratio: float, imp_scope: str,
@@ -118,7 +121,7 @@ def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iter
           augment: Augment | None = None, reinit_ablation: bool = False,
           reinit_epochs: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
           progress: bool = True, measure_compress: bool = True,
-          compress_options: dict | None = None) -> PruneResult:
+          compress_options: dict | None = None, distributed: bool | None = None) -> PruneResult:
     """Prune a copy of `model` for `iterations` rounds of EGP (or IMP), fine-tuning after each.
 
     imp_scope        IMP's layers: "all" conv/linear layers (the reference's baseline) or the
@@ -130,18 +133,33 @@ def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iter
     calib_batches    training batches used for the entropy statistics (None: all)
     out_dir          each iteration writes iter_{i}.safetensors and log.json there; `resume=True`
                      continues after the last finished iteration found there
+    distributed      run across the ranks of the default torch.distributed process group
+                     (default: when one is initialised; False keeps it local). Each rank passes
+                     its own share of the training data (a DistributedSampler; val_loader: its
+                     share, or all of it); fine-tuning runs under DistributedDataParallel, the
+                     entropies and accuracies are over all ranks, every rank computes the same
+                     masks from the same weights (checked), and rank 0 alone reads and writes
+                     out_dir (on resume it sends the state to the others). Progress bars show
+                     on rank 0 only.
 
     `model` is never modified.
     """
     _check_args(method, iterations, ratio, imp_scope, reinit_epochs)
-    _check_labels(train_loader, finetune)
-    model = copy.deepcopy(model)
-    device = model_device(model, finetune.device)
-    model.to(device)
-    layers = find_prunable(trace(model))
-    if not layers:
-        raise PruneError(f"{type(model).__name__} has no prunable layer: no conv/linear module "
-                         "feeds a ReLU or GELU call")
+    spread = ranks.enabled(distributed)
+    progress = progress and (ranks.is_writer() or not spread)
+    with ranks.together("prune: set-up", spread):
+        _check_labels(train_loader, finetune, allow_empty=spread)
+        model = copy.deepcopy(model)
+        device = model_device(model, finetune.device)
+        model.to(device)
+        if spread:
+            ranks.backend_device(device)
+        layers = find_prunable(trace(model))
+        if not layers:
+            raise PruneError(f"{type(model).__name__} has no prunable layer: no conv/linear "
+                             "module feeds a ReLU or GELU call")
+    if spread:
+        across.sync_state(model, "prune: start")
     names = [lay.module for lay in layers]
     pruned_names = weighted_modules(model) if method == "imp" and imp_scope == "all" else names
     header = {"method": method, "ratio": ratio, "iterations": iterations,
@@ -149,28 +167,34 @@ def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iter
               "imp_scope": imp_scope if method == "imp" else None,
               "augment": asdict(augment) if augment is not None else None}
     out = Path(out_dir) if out_dir is not None else None
-    records = _open_run(out, header, model, resume) if out is not None else []
+    records = ranks.from_writer(lambda: _open_run(out, header, model, resume),
+                                "prune: opening out_dir", spread) if out is not None else []
+    if spread and records and records[-1].iteration > 0:
+        across.sync_state(model, "prune: resumed state")
     train_data = AugmentedLoader(train_loader, augment, finetune.input_key) if augment else train_loader
 
     def stats(m: nn.Module) -> fx.GraphModule:
         return calibrate(m.eval(), train_data, max_batches=calib_batches, device=device,
-                         input_key=finetune.input_key, progress=False)
+                         input_key=finetune.input_key, progress=False, distributed=spread)
 
     def record(i: int, name: str, m: nn.Module, gm: fx.GraphModule, step: dict,
                history: list[dict], t0: float) -> IterationRecord:
-        acc = evaluate(m, val_loader, finetune) if val_loader is not None else None
+        acc = evaluate(m, val_loader, finetune, distributed=spread) \
+            if val_loader is not None else None
         rec = make_record(i, name, m, gm, layers, step, acc)
         if measure_compress:   # statistics of augmented batches are not those of the data as given
             rec.compress = compress_summary(m.eval(), train_loader, None if augment else gm,
-                                            compress_options or {})
+                                            {**(compress_options or {}), "distributed": spread})
         rec.train, rec.seconds = history, round(time.perf_counter() - t0, 2)
         return rec
 
     def save(i: int) -> None:
-        if out is not None:
+        def write() -> None:
             if i > 0:
                 save_checkpoint(model, checkpoint_path(out, i))
             write_log(out, header, records)
+        if out is not None:
+            ranks.from_writer(write, f"prune: saving iteration {i}", spread)
 
     gm = stats(model)
     if not records:
@@ -184,8 +208,10 @@ def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iter
         masks = masks_from_zeros(model, pruned_names)
         step = _prune_egp(model, layers, gm, masks, ratio) if method == "egp" \
             else _prune_imp(model, masks, ratio)
+        if spread:
+            across.check_identical(masks, f"the masks of iteration {i}")
         history = run_finetune(model, train_data, finetune, masks, progress=progress,
-                               desc=f"{method} iter {i}")
+                               desc=f"{method} iter {i}", distributed=spread)
         gm = stats(model)
         records.append(record(i, method, model, gm, step, history, t0))
         save(i)
@@ -200,29 +226,42 @@ def prune(model: nn.Module, train_loader: Iterable, *, method: str = "egp", iter
         result.reinit_model, result.reinit = _ablation(
             model, records, out, header, epochs, lambda m, gm, step, hist, t0: record(
                 records[-1].iteration, f"{method}-reinit", m, gm, step, hist, t0),
-            stats, train_data, finetune, resume, progress)
+            stats, train_data, finetune, resume, progress, spread)
     return result
 
 
 def _ablation(model: nn.Module, records: list[IterationRecord], out: Path | None, header: dict,
               epochs: int, record, stats, train_data: Iterable, finetune: FinetuneConfig,
-              resume: bool, progress: bool) -> tuple[nn.Module, IterationRecord]:
+              resume: bool, progress: bool, spread: bool) -> tuple[nn.Module, IterationRecord]:
     """The re-initialisation ablation of the last round's model (or the stored one on resume)."""
     last = records[-1].iteration
     scratch = copy.deepcopy(model)
-    stored = read_reinit(out, last) if out is not None and resume else None
-    if stored is not None and stored.train and len(stored.train) == epochs:
-        load_checkpoint(scratch, out / REINIT_NAME)
+
+    def stored_ablation() -> IterationRecord | None:
+        found = read_reinit(out, last) if out is not None and resume else None
+        if found is not None and found.train and len(found.train) == epochs:
+            load_checkpoint(scratch, out / REINIT_NAME)
+            return found
+        return None
+
+    stored = ranks.from_writer(stored_ablation, "prune: stored ablation", spread)
+    if stored is not None:
+        if spread:
+            across.sync_state(scratch, "prune: stored ablation state")
         log.info("re-initialisation ablation of iteration %d reused from %s", last, out)
         return scratch.eval(), stored
     if max(epochs, 0) == 0:
         raise PruneError("the re-initialisation ablation needs at least one epoch: pass reinit_epochs")
     t0 = time.perf_counter()
-    frozen, history = train_from_scratch(scratch, train_data, finetune, epochs, progress=progress)
+    frozen, history = train_from_scratch(scratch, train_data, finetune, epochs, progress=progress,
+                                         distributed=spread)
     rec = record(scratch, stats(scratch), {"frozen": frozen}, history, t0)
     log.info("re-initialisation ablation of iteration %d: accuracy %s (pruned: %s), %d frozen layers",
              last, rec.accuracy, records[-1].accuracy, len(frozen))
-    if out is not None:
+
+    def write() -> None:
         save_checkpoint(scratch, out / REINIT_NAME)
         write_log(out, header, records, rec)
+    if out is not None:
+        ranks.from_writer(write, "prune: saving the ablation", spread)
     return scratch.eval(), rec

@@ -89,7 +89,12 @@ def build_model(config: ResNetConfig) -> ResNetCifar:
 
 def save_model(model: nn.Module, config: ResNetConfig, weights_path: str | Path,
                config_path: str | Path, extra: dict | None = None) -> None:
-    """Weights as safetensors, the config (plus `extra`, e.g. data normalisation) as JSON."""
+    """Weights as safetensors, the config (plus `extra`, e.g. data normalisation) as JSON; under
+    an initialised torch.distributed process group, by rank 0 alone."""
+    from ..distributed import is_writer  # noqa: PLC0415
+
+    if not is_writer():
+        return
     save_weights(model, weights_path)
     Path(config_path).write_text(json.dumps({**asdict(config), **(extra or {})}, indent=2) + "\n")
 

@@ -56,16 +56,18 @@ def reinitialize(model: nn.Module) -> list[str]:
 
 
 def train_from_scratch(model: nn.Module, loader: Iterable, config: FinetuneConfig, epochs: int, *,
-                       progress: bool = True) -> tuple[list[str], list[dict]]:
+                       progress: bool = True, distributed: bool | None = None
+                       ) -> tuple[list[str], list[dict]]:
     """reinitialize(model), then train it in place for `epochs`; returns (frozen layers, history).
 
-    The frozen layers get requires_grad back at the end (their weights are still zero).
+    The frozen layers get requires_grad back at the end (their weights are still zero). Across
+    ranks (`distributed`, as finetune) every rank starts from rank 0's re-drawn weights.
     """
     frozen = reinitialize(model)
     log.info("re-initialisation ablation: %d frozen (emptied) layers, %d epochs", len(frozen), epochs)
     try:
         history = finetune(model, loader, replace(config, epochs=epochs), progress=progress,
-                           desc="reinit")
+                           desc="reinit", distributed=distributed)
     finally:
         for name in frozen:
             for p in model.get_submodule(name).parameters(recurse=False):
