@@ -5,7 +5,8 @@
 #                torch.compile; compress(device="cuda") peak memory
 #   gpu_bench.py ResNet-18 with 4 dead blocks against its oracle (target cuda), fp16 eager and
 #                CUDA graphs, batch 1, 8 and 32
-#   a test subset on the machine's torch (capture, transformers)
+#   a test subset on the machine's torch (capture, transformers, into_model)
+# BENCH_SECONDS=0 leaves gpu_bench.py out.
 #
 #     bash benchmarks/gpu_checks.sh OUT            # OUT: folder for results and logs
 set -u
@@ -16,15 +17,15 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root/benchmarks"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 timeout "${LLM_SECONDS:-330}" python gpu_llm.py --out "$out/gpu_llm" --repeats 30 \
-    --compile-models original compressed-cuda oracle-64 --time-budget "${LLM_BUDGET:-170}" \
+    --compile-models original graph-cuda model-cuda oracle-64 --time-budget "${LLM_BUDGET:-170}" \
     > "$out/gpu_llm.log" 2>&1
 echo "gpu_llm rc=$?" >> "$out/rc.txt"
-timeout "${BENCH_SECONDS:-70}" python gpu_bench.py "$out" --ks 4 --vit-variants linear \
+[ "${BENCH_SECONDS:-70}" -gt 0 ] && timeout "${BENCH_SECONDS:-70}" python gpu_bench.py "$out" --ks 4 --vit-variants linear \
     --batch-sizes 1 8 32 --variants fp16 fp16+cudagraph --time-budget 30 \
     > "$out/gpu_bench.log" 2>&1
 echo "gpu_bench rc=$?" >> "$out/rc.txt"
 cd "$root"
 timeout "${TEST_SECONDS:-60}" python -m pytest -q -x -p no:cacheprovider \
-    tests/test_capture.py tests/test_transformers.py > "$out/pytest.log" 2>&1
+    tests/test_capture.py tests/test_transformers.py tests/test_into_model.py > "$out/pytest.log" 2>&1
 echo "pytest rc=$?" >> "$out/rc.txt"
 cat "$out/rc.txt"

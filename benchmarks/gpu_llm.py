@@ -3,11 +3,14 @@
 OPT-125m architecture (random init, dead FFN units planted after the published profile, see
 _llm_cases.py). Models, all in fp16 on one GPU:
   original            the Hugging Face model
-  compressed-cuda     egp_fx.compress(target="cuda"): widths a multiple of 64
-  compressed-cpu16    egp_fx.compress(target="ort-cpu"): widths a multiple of 16 (what the CPU
-                      setting would produce on this GPU)
-  compressed-timed    egp_fx.compress(target="cuda", cost="latency") run on the GPU: each width
-                      picked by timing the candidate widths there
+  graph-cuda          egp_fx.compress(target="cuda"): the captured graph, widths a multiple
+                      of 64
+  model-cuda          egp_fx.into_model(graph-cuda, model): the same narrowing in the Hugging
+                      Face class (its eager code, the causal mask left to the attention kernel)
+  model-cpu16         into_model of compress(target="ort-cpu"): widths a multiple of 16 (what
+                      the CPU setting would produce on this GPU)
+  model-timed         into_model of compress(target="cuda", cost="latency") run on the GPU: each
+                      width picked by timing the candidate widths there
   oracle-exact        fc1/fc2 narrowed by hand to exactly the live units (planted dead units
                       and those that never fire on the calibration data removed)
   oracle-64, -128     the same, widths rounded up to a multiple of 64 / 128
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 import _llm_cases as cases
+import egp_fx
 from _common import header, setup_logging
 
 log = logging.getLogger("gpu_llm")
@@ -70,9 +74,15 @@ def _cell(models: dict, batch: dict, device: str, compiled: bool, repeats: int, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
-    import egp_fx
+def _widths(module) -> list[str]:
+    """What compress decided per FFN (a GraphModule), or fc1's width per layer (a model)."""
+    if hasattr(module, "graph"):
+        return [str(d) for ds in egp_fx.report_of(module).decisions_by_path().values()
+                for d in ds]
+    return [str(layer.fc1.out_features) for layer in module.model.decoder.layers]
 
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -81,7 +91,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-models", nargs="+",
-                    default=["original", "compressed-cuda", "compressed-cpu16", "oracle-64"],
+                    default=["original", "graph-cuda", "model-cuda", "oracle-64"],
                     help="models also timed under torch.compile (each compile costs tens of s)")
     ap.add_argument("--time-budget", type=float, default=1e9,
                     help="seconds of timing after which no further cell starts")
@@ -96,8 +106,12 @@ def main() -> None:
     calib = cases.tokens(50272, 2, 4, args.seq, seed=1)
     t0 = time.perf_counter()
     models = {"original": model}
-    models["compressed-cuda"] = egp_fx.compress(model, calib, target="cuda", progress=False)
-    models["compressed-cpu16"] = egp_fx.compress(model, calib, target="ort-cpu", progress=False)
+    graph = egp_fx.compress(model, calib, target="cuda", progress=False)
+    models["graph-cuda"] = graph
+    models["model-cuda"] = egp_fx.into_model(graph, model)
+    models["model-cpu16"] = egp_fx.into_model(
+        egp_fx.compress(model, calib, target="ort-cpu", progress=False), model)
+    widths = {"model-cuda": _widths(graph), "model-cpu16": _widths(models["model-cpu16"])}
     mem = {}
     if dev.startswith("cuda"):
         gpu_model = model.to(dev)
@@ -108,15 +122,14 @@ def main() -> None:
                                 progress=False)
         mem = {"weights_bytes": sum(p.numel() * p.element_size() for p in gpu_model.parameters()),
                "peak_extra_bytes": torch.cuda.max_memory_allocated() - before}
-        models["compressed-timed"] = timed
+        models["model-timed"] = egp_fx.into_model(timed, gpu_model).cpu()
+        widths["model-timed"] = _widths(timed)
         model = gpu_model.cpu()
     compress_s = time.perf_counter() - t0
     never = cases.observed_dead("opt-125m", model, calib)   # planted + never fired on calib
     models["oracle-exact"] = cases.opt_oracle(model, never)
     models["oracle-64"] = cases.opt_oracle(model, never, multiple=64)
     models["oracle-128"] = cases.opt_oracle(model, never, multiple=128)
-    widths = {name: [str(d) for ds in egp_fx.report_of(m).decisions_by_path().values() for d in ds]
-              for name, m in models.items() if name.startswith("compressed")}
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     for name in list(models):
         models[name] = models[name].to(device=dev, dtype=dtype).eval()
@@ -151,15 +164,15 @@ def _write(args, models, rows, widths, mem, compress_s, skipped, show=False) -> 
     lines = [title, f"Dead FFN units planted after the published profile (random init); "
              f"calibration 2 x 4 sequences of {args.seq} tokens; compress {compress_s:.1f} s "
              f"for the compressed variants. Medians of {args.repeats} interleaved calls.", "",
-             "| variant | batch | " + " | ".join(models) + " | compressed-cuda / oracle-64 |",
+             "| variant | batch | " + " | ".join(models) + " | model-cuda / oracle-64 |",
              "| --- | ---: | " + "---: | " * (len(models) + 1)]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         for bs in args.batch_sizes:
             cell = {r["model"]: r for r in rows if r["variant"] == variant and r["batch"] == bs}
             if not cell:
                 continue
-            ratio = (f"{cell['compressed-cuda']['median_ms'] / cell['oracle-64']['median_ms']:.3f}"
-                     if {"compressed-cuda", "oracle-64"} <= cell.keys() else "-")
+            ratio = (f"{cell['model-cuda']['median_ms'] / cell['oracle-64']['median_ms']:.3f}"
+                     if {"model-cuda", "oracle-64"} <= cell.keys() else "-")
             lines.append(f"| {variant} | {bs} | " + " | ".join(
                 f"{cell[m]['median_ms']:.3f} ms ({cell[m]['speedup_vs_original']:.3f}x)"
                 if m in cell else "-" for m in models) + f" | {ratio} |")

@@ -8,6 +8,7 @@ from .errors import (CalibrationError, CompressError, DistributedError, EGPError
                      MemoryBudgetError, PruneError, SaveError, TraceError)
 from .export import ExportResult, export_onnx
 from .inspect import Inspection, inspect
+from .into_model import into_model
 from .measures import Totals, measure
 from .report import CompressReport, report_of
 from .saving import Loaded, Saved, load, save
@@ -20,6 +21,6 @@ __all__ = [
     "CompressError", "CompressReport", "DistributedError", "EGPError", "ExportError",
     "ExportResult", "Inspection", "LayerTable", "Loaded", "MemoryBudgetError", "PruneError",
     "Saved", "SaveError", "Totals", "TraceError", "benchmark", "calibrate", "capture_info",
-    "compress", "export_onnx", "inspect", "layer_stats", "load", "measure", "prune",
+    "compress", "export_onnx", "inspect", "into_model", "layer_stats", "load", "measure", "prune",
     "register_leaf_module", "register_wrapped_function", "report_of", "save", "trace",
 ]

@@ -141,6 +141,14 @@ class Layer:
         return str(self.node.target) if self.module is not None else \
             str(self.weight_node.target).rpartition(".")[0]
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """Where the graph module holds this layer's weight and bias (attribute paths)."""
+        if self.module is not None:
+            names = ["weight"] + (["bias"] if self.module.bias is not None else [])
+            return [f"{self.node.target}.{name}" for name in names]
+        return [str(n.target) for n in (self.weight_node, self.bias_node) if n is not None]
+
     def shared_with(self, index: ShareIndex | None = None) -> str | None:
         """Why this layer's weights may not be rewritten for this call alone, or None.
 

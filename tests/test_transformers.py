@@ -166,3 +166,56 @@ def test_runs_on_a_device_other_than_the_capture(compressed):
         expected = _main(_call(model, batch)).shape
         out = copy.deepcopy(small).to("meta")(**{k: v.to("meta") for k, v in batch.items()})
     assert _main(out).device.type == "meta" and _main(out).shape == expected
+
+
+def test_into_model_puts_the_narrowing_back_into_the_model_class(compressed):
+    name, model, small, _, state = compressed
+    result = egp_fx.into_model(small, model)
+    assert type(result) is type(model) and result is not model
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    narrowing, = [r for r in egp_fx.report_of(small).applied if r.kind == "narrow_channels"]
+    prefix = egp_fx.capture_info(small).prefix
+    produced = narrowing.tensors[0][len(prefix):]          # the layer making the planted units
+    width = result.get_submodule(produced.rpartition(".")[0])
+    weight = result.get_parameter(produced)
+    assert FFN - PLANT in weight.shape and FFN not in weight.shape
+    assert (width.nf if name == "gpt2" else width.out_features) == FFN - PLANT
+    other = batches(1, size=3, length=11, seed=5)
+    with torch.no_grad():
+        for batch in batches() + other:
+            ref, out = _call(model, batch), _call(result, batch)
+            scale = float(_main(ref).abs().max())
+            torch.testing.assert_close(_main(out), _main(ref), rtol=0, atol=1e-5 * scale)
+    if hasattr(model, "generate"):                          # the class's own methods work
+        prompt = other[0]["input_ids"][:1, :5]
+        kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(result.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+
+
+
+def test_into_model_refuses_a_copy_that_computes_otherwise(compressed):
+    """A narrowing whose record misses a tensor it replaced (a narrowed weight, or the reader's
+    bias that absorbed constant units) gives a copy that differs: refused, not returned."""
+    _, model, small, _, _ = compressed
+    narrowing, = [r for r in egp_fx.report_of(small).applied if r.kind == "narrow_channels"]
+    prefix = egp_fx.capture_info(small).prefix
+    transposed = egp_fx.capture_info(small).transposed
+    own = model.state_dict()
+
+    def changed(name):
+        value = small.get_parameter(name) if name in dict(small.named_parameters()) \
+            else small.get_buffer(name)
+        value = value.t() if name in transposed else value
+        mine = own[name[len(prefix):]]
+        return value.shape != mine.shape or not torch.equal(value, mine)
+
+    kept = list(narrowing.tensors)
+    dropped = [name for name in kept if changed(name)]
+    assert len(dropped) >= 3               # the maker's weight and bias, the reader's weight
+    try:
+        for name in dropped:
+            narrowing.tensors[:] = [n for n in kept if n != name]
+            with pytest.raises(egp_fx.CompressError, match="differs from the compressed module"):
+                egp_fx.into_model(small, model)
+    finally:
+        narrowing.tensors[:] = kept

@@ -28,7 +28,7 @@ from ..errors import CalibrationError, TraceError
 from ..attrs import CAPTURE_META_KEY
 from ..shapes import failing_node
 from ..verify import ErrorMeter, tensor_leaves
-from .canonical import canonical_modules, canonicalise
+from .canonical import TRANSPOSED_META_KEY, canonical_modules, canonicalise
 from .export_trace import export_capture, fixed_keywords
 from .fx_trace import LEAF_MODULES, fx_capture, register_leaf_module, register_wrapped_function
 
@@ -50,6 +50,7 @@ class CaptureInfo:
     fx_failure: str | None = None              # why fx was not used ("auto")
     notes: list[str] = field(default_factory=list)
     check_error: float | None = None           # captured vs model on the example batch
+    transposed: list[str] = field(default_factory=list)   # attributes held as the model's .T
 
     def describe(self) -> str:
         text = f"captured with {'torch.fx' if self.mode == 'fx' else 'torch.export'}"
@@ -130,7 +131,8 @@ def _try_export(root, plain, example) -> tuple[fx.GraphModule | None, str | None
         return None, f"the exported graph fails on the example batch: {type(exc).__name__}: {exc}", None
     if err > CHECK_TOLERANCE:
         return None, f"the exported graph's output differs from the model's (relative error {err:.3g})", None
-    return gm, None, CaptureInfo("export", prefix, None, notes, err)
+    return gm, None, CaptureInfo("export", prefix, None, notes, err,
+                                 gm.meta.pop(TRANSPOSED_META_KEY, []))
 
 
 def capture(model: nn.Module, example: Batch | None = None, *, mode: str = "auto",

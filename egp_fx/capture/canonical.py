@@ -44,6 +44,7 @@ from ..attrs import attr, set_attr
 
 aten = torch.ops.aten
 _KEEP_META = ("nn_module_stack", "stack_trace")
+TRANSPOSED_META_KEY = "egp_transposed"   # attributes held transposed ([in, out] -> [out, in])
 
 
 def _batch_norm(graph: fx.Graph) -> int:
@@ -91,6 +92,7 @@ def _products(gm: fx.GraphModule) -> int:
         if b is not None and attr(gm, b.target).dim() != 1:
             continue
         set_attr(gm, w.target, attr(gm, w.target).t())
+        gm.meta.setdefault(TRANSPOSED_META_KEY, []).append(str(w.target))
         node.target = aten.linear.default
         node.args = (x, w, b) if b is not None else (x, w)
         done += 1

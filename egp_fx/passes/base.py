@@ -80,6 +80,7 @@ class Rewrite:
     bound: float | None = None     # for rewrites exact up to rounding: the bound used
     error: float | None = None     # measured relative output error after the group was applied
     status: Status = Status.APPLIED
+    tensors: list[str] = field(default_factory=list)   # attributes replaced (narrow_channels)
 
 
 @dataclass

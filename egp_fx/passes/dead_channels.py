@@ -166,8 +166,9 @@ def _narrow_reader(read: Read, remove: dict[int, float]) -> int:
     return before - layer.weight.numel()
 
 
-def _narrow_depthwise(gm, ctx, read: Read, remove: dict[int, float]) -> int:
-    """Narrow a depthwise reader, then let the layer after it absorb the constants left."""
+def _narrow_depthwise(gm, ctx, read: Read, remove: dict[int, float], touched: list) -> int:
+    """Narrow a depthwise reader, then let the layer after it absorb the constants left (added
+    to `touched`)."""
     layer = read.layer
     act, after = _after_depthwise(gm, ctx, read)
     w = layer.weight.detach().double()
@@ -184,6 +185,7 @@ def _narrow_depthwise(gm, ctx, read: Read, remove: dict[int, float]) -> int:
         set_dim(act, 1, len(keep))
     set_dim(layer.node, 1, len(keep))
     consts = {c: float(v) for c, v in zip(remove, values.tolist())}
+    touched.append(after)
     return saved + _narrow_reader(Read(after, 0, 1, True), consts)
 
 
@@ -228,8 +230,9 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
         w, b = layer.weight.detach(), layer.bias
         saved += w.numel() - len(keep) * w[0].numel() + (n - m) * (b is not None)
         layer.replace(w.index_select(0, index), b.detach()[index] if b is not None else None)
+    touched = [prod, *walk.gates, *(r.layer for r in walk.reads)]
     for r in walk.reads:
-        saved += _narrow_depthwise(gm, ctx, r, remove) if _depthwise(r.layer) \
+        saved += _narrow_depthwise(gm, ctx, r, remove, touched) if _depthwise(r.layer) \
             else _narrow_reader(r, remove)
     act.meta[EGP_META_KEY] = select_channels(st, keep)
     _update_shapes(walk, prod, act, n - m)
@@ -242,7 +245,8 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
                    f"{', '.join(readers)} narrowed{gates}",
                    params_saved=saved, flops_saved=max(flops, 0), activation=act.name,
                    decision=Decision(DecisionKind.NARROWED, before=n, after=m),
-                   path=module_path(act, gm))
+                   path=module_path(act, gm),
+                   tensors=[name for layer in touched for name in layer.tensor_names])
 
 
 @register(NAME, positions=(30,), shapes=True)
