@@ -156,7 +156,7 @@ MUTANTS = (
            ("tests/test_compress.py", "tests/test_transformers.py")),
     Mutant("capture-device-pinned", "masks and positions stay on the capture's device after .to()",
            "egp_fx/capture/canonical.py",
-           "    _devices_follow_module(gm)\n",
+           "    _devices_follow_inputs(gm)\n",
            "",
            ("tests/test_transformers.py",)),
     Mutant("capture-view-kept", "a view valid only for one attention kernel's strides is kept",

@@ -16,11 +16,9 @@ Each rewrite computes exactly what it replaces:
 - runtime checks of dtype and device (`_assert_tensor_metadata`) and the input-guard module
   go: they compute nothing;
 - tensors the model makes while it runs (attention masks, positions: `ones`, `arange`, `full`,
-  a `_to_copy` to a device) are made on the device of the module's own tensors: torch.export
-  writes the capture's device into such calls as a constant, which would leave them on the CPU
-  after `module.to("cuda")`. The device is read from a zero-size buffer (`DEVICE_ANCHOR`, not
-  in the state_dict) that `.to()` moves with the weights, as the model's code read it from its
-  inputs or weights.
+  a `_to_copy` to a device) are made on the device of its first tensor input, as the model's
+  code asked for it (`input_ids.device`): torch.export writes the capture's device into such
+  calls as a constant, which would leave them on the CPU after `module.to("cuda")`.
 Node metadata is reduced to the module path and the source line (`nn_module_stack`,
 `stack_trace`); the symbolic shapes of the capture are re-derived on demand (shapes.py).
 
@@ -120,19 +118,15 @@ def _drop_checks(gm: fx.GraphModule) -> int:
     return done
 
 
-DEVICE_ANCHOR = "_egp_device_anchor"
-
-
-def _devices_follow_module(gm: fx.GraphModule) -> int:
+def _devices_follow_inputs(gm: fx.GraphModule) -> int:
     fixed = [n for n in gm.graph.nodes
              if n.op == "call_function" and isinstance(n.kwargs.get("device"), torch.device)]
-    if not fixed:
+    source = next((n for n in gm.graph.nodes if n.op == "placeholder"
+                   and isinstance(n.meta.get("val"), torch.Tensor)), None)
+    if not fixed or source is None:
         return 0
-    gm.register_buffer(DEVICE_ANCHOR, torch.empty(0, device=fixed[0].kwargs["device"]),
-                       persistent=False)
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        device = gm.graph.call_function(getattr, (gm.graph.get_attr(DEVICE_ANCHOR), "device"))
+    with gm.graph.inserting_after(source):
+        device = gm.graph.call_function(getattr, (source, "device"))
     for node in fixed:
         node.update_kwarg("device", device)
     return len(fixed)
@@ -147,7 +141,7 @@ def canonicalise(gm: fx.GraphModule) -> list[str]:
         notes.append(f"{n} product(s) with an attribute weight as linear")
     _reshapes(gm.graph)
     _drop_checks(gm)
-    _devices_follow_module(gm)
+    _devices_follow_inputs(gm)
     for node in gm.graph.nodes:
         kept = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
         node.meta.clear()
