@@ -35,26 +35,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .cli_data import DataError
-from .cli_models import ModelLoadError
-from .errors import EGPError
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_MODEL, EXIT_COMPRESS, EXIT_EXPORT, EXIT_BENCH = range(7)
-EXIT_INTERRUPTED = 130
-EXIT_CODES = {EXIT_OK: "success", EXIT_INTERNAL: "internal error", EXIT_USAGE: "usage or bad input",
-              EXIT_MODEL: "model could not be loaded",
-              EXIT_COMPRESS: "calibration, compression or pruning failed",
-              EXIT_EXPORT: "ONNX export failed", EXIT_BENCH: "benchmark failed",
-              EXIT_INTERRUPTED: "interrupted"}
-
-
-class CLIError(Exception):
-    """An error the CLI reports with its own exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
+from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError, \
+    exit_code
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as CLIError (so --json still gets a JSON answer)."""
@@ -194,26 +176,6 @@ def _setup_logging(args) -> None:
                         stream=sys.stderr, force=True)
 
 
-def _classify(err: BaseException) -> int:
-    """The exit code of an exception (looking through its causes for the first known kind)."""
-    from .errors import CalibrationError, CompressError, TraceError
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, CLIError):
-            return seen.code
-        if isinstance(seen, DataError):
-            return EXIT_USAGE
-        if isinstance(seen, ModelLoadError):
-            return EXIT_MODEL
-        if type(seen).__name__ == "ExportError":
-            return EXIT_EXPORT
-        if isinstance(seen, (TraceError, CalibrationError, CompressError)) or \
-                type(seen).__name__ == "PruneError":
-            return EXIT_COMPRESS
-        seen = seen.__cause__ or seen.__context__
-    return EXIT_COMPRESS if isinstance(err, EGPError) else EXIT_INTERNAL
-
-
 def _fail(err: BaseException, code: int, args, as_json: bool) -> int:
     message = str(err) if code != EXIT_INTERNAL else (
         f"internal error: {type(err).__name__}: {str(err).rstrip('.')}. Rerun with -v for the "
@@ -258,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         return _fail(err, EXIT_INTERRUPTED, args, as_json)
     except Exception as err:  # every failure becomes a message and a documented exit code
-        return _fail(err, _classify(err), args, as_json)
+        return _fail(err, exit_code(err), args, as_json)
     finally:
         if created:
             from .distributed import launch

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .cli import EXIT_BENCH, EXIT_EXPORT, EXIT_USAGE, CLIError
+from .errors import EXIT_BENCH, EXIT_EXPORT, EXIT_USAGE, CLIError
 from .cli_data import CalibrationData, DataError, calibration_data, parse_input_size
 from .cli_models import default_input_size, load_model
 from .distributed import enabled, is_writer, launch, world_size

@@ -23,17 +23,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import EGPError
+from .errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _INPUT_KEYS = ("x", "images", "inputs", "data", "X", "input")
 _LABEL_KEYS = ("y", "labels", "targets", "label", "Y")
 NOISE_WARNING = ("calibrating on Gaussian noise (--data random): the statistics, and so what "
                  "compress removes, are not meaningful for real inputs; use real data")
-
-
-class DataError(EGPError):
-    """The calibration data cannot be read or does not fit; the message says what to change."""
 
 
 @dataclass

@@ -22,15 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EGPError
+from .errors import ModelLoadError
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
 _OPTIONAL_KEYS = ("num_batches_tracked",)   # BN counters: older checkpoints lack them
 _SHOW = 8
-
-
-class ModelLoadError(EGPError):
-    """The model could not be built or its weights could not be loaded; the message says why."""
 
 
 def _torchvision_names() -> list[str]:

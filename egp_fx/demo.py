@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .bench import benchmark
 from .compress import compress
+from .errors import EXIT_COMPRESS, EXIT_OK, EXIT_USAGE
 from .export import export_onnx
 from .inspect import inspect
 from .prune.datasets import load_digits_data
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not DEMO_CHECKPOINT.exists():
         print(f"the demo checkpoint {DEMO_CHECKPOINT} is missing: reinstall egp_fx, or make it "
               "with benchmarks/egp_experiment.py", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_demo_model()
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {html}")
     if changed:
         print(f"error: {changed} held-out predictions changed", file=sys.stderr)
-        return 4
-    return 0
+        return EXIT_COMPRESS
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ class BenchError(EGPError):
     """The benchmark could not run as asked."""
 
 
+class CLIError(EGPError):
+    """An error the command line reports with the exit code it carries."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_MODEL, EXIT_COMPRESS, EXIT_EXPORT, EXIT_BENCH = range(7)
 EXIT_INTERRUPTED = 130
 EXIT_CODES = {EXIT_OK: "success", EXIT_INTERNAL: "internal error", EXIT_USAGE: "usage or bad input",
@@ -74,10 +82,16 @@ EXIT_CODE_OF: tuple[tuple[type, int], ...] = (
 
 
 def exit_code(err: BaseException) -> int:
-    """The CLI exit code of an error (EXIT_INTERNAL for anything not raised on purpose)."""
+    """The CLI exit code of an error: that of the first error raised on purpose in it or its
+    causes (EXIT_INTERNAL when there is none)."""
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    for cls, code in EXIT_CODE_OF:
-        if isinstance(err, cls):
-            return code
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, CLIError):
+            return seen.code
+        for cls, code in EXIT_CODE_OF:
+            if isinstance(seen, cls):
+                return code
+        seen = seen.__cause__ or seen.__context__
     return EXIT_INTERNAL

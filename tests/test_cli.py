@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from egp_fx import cli
+from egp_fx import cli, errors
 from egp_fx.cli_data import NOISE_WARNING
 from planted_models import WIDTH, planted_net
 
@@ -190,7 +190,7 @@ def test_builtin_digits_dataset(capsys):
 @DIGITS
 def test_prune_refuses_labels_the_model_cannot_output(capsys):
     code, out, err = run(capsys, "prune", FACTORY, "--data", "digits", "--no-progress")
-    assert code == cli.EXIT_USAGE
+    assert code == errors.EXIT_USAGE
     assert "labels go up to 9, but planted_models:planted_net has 4 outputs; pass --num-classes 10" in err
 
 
@@ -212,7 +212,7 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "egp_fx", "compress", "planted_models:nope",
                            "--data", "random", "--json"], capture_output=True, text=True, env=env,
                           timeout=120)
-    assert proc.returncode == cli.EXIT_MODEL
+    assert proc.returncode == errors.EXIT_MODEL
     answer = json.loads(proc.stdout)
     assert answer["ok"] is False and answer["exit_code"] == 3
     assert "has no callable 'nope'" in answer["error"] and "egp-fx: error:" in proc.stderr
@@ -268,7 +268,7 @@ def test_checkpoint_errors_name_what_does_not_fit(capsys, tmp_path, kind, messag
     path = _bad_checkpoint(tmp_path, kind)
     code, res, err = run_json(capsys, "compress", FACTORY, "--checkpoint", str(path), "--data",
                               "random", *SMALL)
-    assert code == cli.EXIT_MODEL and res["ok"] is False and res["exit_code"] == 3
+    assert code == errors.EXIT_MODEL and res["ok"] is False and res["exit_code"] == 3
     assert message in res["error"] and message in err
 
 
@@ -300,7 +300,7 @@ def test_bad_data_files_exit_2(capsys, tmp_path, kind, message):
         data = tmp_path / "x.npz"
         np.savez(data, a=np.zeros((4, 3, 16, 16)), b=np.zeros((4, 3, 16, 16)))
     code, out, err = run(capsys, "compress", FACTORY, "--data", str(data), *SMALL, *CHEAP)
-    assert code == cli.EXIT_USAGE
+    assert code == errors.EXIT_USAGE
     assert message in err
 
 
@@ -312,10 +312,10 @@ def test_export_failure_exits_5(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_onnx", refuse)
     code, res, _ = run_json(capsys, "export", FACTORY, "--data", "random", *SMALL, *CHEAP, "--out",
                             str(tmp_path / "m.onnx"))
-    assert code == cli.EXIT_EXPORT and "frobnicate" in res["error"]
+    assert code == errors.EXIT_EXPORT and "frobnicate" in res["error"]
     code, res, _ = run_json(capsys, "compress", FACTORY, "--data", "random", *SMALL, *CHEAP,
                             "--out", str(tmp_path / "o"))
-    assert code == cli.EXIT_EXPORT and res["ok"] is False
+    assert code == errors.EXIT_EXPORT and res["ok"] is False
     assert (tmp_path / "o" / "report.json").is_file()            # the rest was written
 
 
@@ -326,7 +326,7 @@ def test_benchmark_failure_exits_6(capsys, monkeypatch):
         raise RuntimeError("onnxruntime session died")
     monkeypatch.setattr(bench, "benchmark", broken)
     code, out, err = run(capsys, "bench", FACTORY, "--data", "random", *SMALL, *CHEAP)
-    assert code == cli.EXIT_BENCH and "onnxruntime session died" in err
+    assert code == errors.EXIT_BENCH and "onnxruntime session died" in err
 
 
 def test_unexpected_error_exits_1_and_says_it_is_a_bug(capsys, monkeypatch):
@@ -336,14 +336,14 @@ def test_unexpected_error_exits_1_and_says_it_is_a_bug(capsys, monkeypatch):
         raise ZeroDivisionError("boom")
     monkeypatch.setattr(compress_module, "compress", boom)
     code, out, err = run(capsys, "compress", FACTORY, "--data", "random", *SMALL)
-    assert code == cli.EXIT_INTERNAL
+    assert code == errors.EXIT_INTERNAL
     assert "internal error: ZeroDivisionError: boom" in err and "-v" in err
 
 
 def test_demo_that_is_not_installed_exits_2(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "egp_fx.demo", None)       # import egp_fx.demo fails
     code, out, err = run(capsys, "demo")
-    assert code == cli.EXIT_USAGE and "demo is not available" in err
+    assert code == errors.EXIT_USAGE and "demo is not available" in err
 
 
 def test_help_lists_commands_and_exit_codes(capsys):

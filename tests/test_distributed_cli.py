@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import egp_fx.distributed as ranks
-from egp_fx import cli, cli_commands
+from egp_fx import cli, cli_commands, errors
 from egp_fx.distributed import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_prune_under_ranks_refuses_a_batch_it_cannot_split(capsys, monkeypatch):
     monkeypatch.setattr(cli_commands, "enabled", lambda flag: True)
     monkeypatch.setattr(cli_commands, "world_size", lambda: 2)
     code = cli.main([*PRUNE[:PRUNE.index("--batch-size")], "--batch-size", "33"])
-    assert code == cli.EXIT_USAGE
+    assert code == errors.EXIT_USAGE
     assert "--batch-size 33 must be a multiple of the number of processes (2)" in \
         capsys.readouterr().err
 
