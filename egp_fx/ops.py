@@ -128,6 +128,10 @@ _RESHAPE_FUNCTIONS = {aten.view.default, aten.reshape.default, aten._unsafe_view
                       torch.reshape}
 _RESHAPE_METHODS = {"view", "reshape"}
 _CAT_FUNCTIONS = {torch.cat, aten.cat.default, torch.concat}
+_FUNCTION_ROLES = ((_MATMUL_FUNCTIONS, Role.MATMUL), (_NORM_FUNCTIONS, Role.NORM),
+                   (_LAYER_NORM_FUNCTIONS, Role.LAYER_NORM), (_IDENTITY_FUNCTIONS, Role.IDENTITY),
+                   (_POOL_FUNCTIONS, Role.POOL), (_FLATTEN_FUNCTIONS, Role.FLATTEN),
+                   (_RESHAPE_FUNCTIONS, Role.RESHAPE), (_CAT_FUNCTIONS, Role.CAT))
 
 _ARITHMETIC = {
     operator.add: Role.ADD, operator.iadd: Role.ADD, torch.add: Role.ADD,
@@ -180,22 +184,9 @@ def _function_op(target) -> Op:
         return Op(Role.ACTIVATION, _ACTIVATION_FUNCTIONS[target])
     if target in _LAYER_FUNCTIONS:
         return Op(Role.LAYER, _LAYER_FUNCTIONS[target])
-    if target in _MATMUL_FUNCTIONS:
-        return Op(Role.MATMUL)
-    if target in _NORM_FUNCTIONS:
-        return Op(Role.NORM)
-    if target in _LAYER_NORM_FUNCTIONS:
-        return Op(Role.LAYER_NORM)
-    if target in _IDENTITY_FUNCTIONS:
-        return Op(Role.IDENTITY)
-    if target in _POOL_FUNCTIONS:
-        return Op(Role.POOL)
-    if target in _FLATTEN_FUNCTIONS:
-        return Op(Role.FLATTEN)
-    if target in _RESHAPE_FUNCTIONS:
-        return Op(Role.RESHAPE)
-    if target in _CAT_FUNCTIONS:
-        return Op(Role.CAT)
+    for table, role in _FUNCTION_ROLES:
+        if target in table:
+            return Op(role)
     if target in _ARITHMETIC:
         return Op(_ARITHMETIC[target])
     if target in _NONLINEAR_FUNCTIONS:

@@ -24,13 +24,34 @@ class SnippetError(AssertionError):
     pass
 
 
+def _language_model():
+    """A tiny OPT whose first FFN has 32 of its 64 units dead (zero weights, bias -1)."""
+    import transformers
+
+    torch.manual_seed(0)
+    lm = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=64)).eval()
+    fc1 = lm.model.decoder.layers[0].fc1
+    with torch.no_grad():
+        fc1.weight[:32] = 0.0
+        fc1.bias[:32] = -1.0
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 96, (4, 16), generator=g),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(2)]
+    return lm, batches
+
+
 def stand_ins() -> dict:
-    """What the snippets leave to the reader, small: a planted net and its data."""
+    """What the snippets leave to the reader, small: a planted net and its data, a planted
+    language model and its token batches."""
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(8, *INPUT_SHAPE, generator=g) for _ in range(2)]
     labels = [torch.randint(0, 4, (8,), generator=g) for _ in range(2)]
+    lm, token_batches = _language_model()
     return {"model": planted_net(), "calib_loader": images, "example": images[0][:1],
-            "train_loader": list(zip(images, labels)), "val_loader": list(zip(images, labels))}
+            "train_loader": list(zip(images, labels)), "val_loader": list(zip(images, labels)),
+            "lm": lm, "token_batches": token_batches}
 
 
 def _free_port() -> int:
