@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    ap.add_argument("--out-stem", default="llm_cpu", help="results/STEM.{json,md}")
     ap.add_argument("--quick", action="store_true", help="seq 32, batch 1, 3 repeats; not written")
     args = ap.parse_args()
     setup_logging()
@@ -116,7 +117,7 @@ def main() -> None:
         return
     payload = {**meta, "runs": [{**{k: v for k, v in r.items() if k != "result"},
                                  "result": r["result"].to_dict()} for r in runs]}
-    write("llm_cpu", payload, text + "\n")
+    write(args.out_stem, payload, text + "\n")
 
 
 if __name__ == "__main__":
