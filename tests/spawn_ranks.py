@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,6 +36,13 @@ class Outcome:
     def ok(self) -> Any:
         assert self.error is None, f"rank {self.rank} raised {self.error}\n{self.traceback}"
         return self.value
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _entry(fn, rank: int, world: int, folder: str, collective_timeout: float, args) -> None:

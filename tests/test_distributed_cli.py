@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 import egp_fx.distributed as ranks
 from egp_fx import cli, cli_commands, errors
 from egp_fx.distributed import launch
+from spawn_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPRESS = ["compress", "planted_models:planted_net", "--data", "random", "--input-size",
@@ -26,12 +26,6 @@ PRUNE = ["prune", "dist_prune_cases:tiny_net", "--data", "digits", "--input-size
          "--num-batches", "4", "--json", "--no-progress"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m egp_fx ARGS` on 127.0.0.1; every process it started is
     killed when it runs past `timeout`."""
@@ -39,7 +33,7 @@ def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProce
            "EGP_FX_COLLECTIVE_TIMEOUT": "60",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-           "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "egp_fx",
+           "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "egp_fx",
            *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

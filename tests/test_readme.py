@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import io
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 import egp_fx
 from planted_models import INPUT_SHAPE, planted_net
+from spawn_ranks import free_port
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
@@ -54,12 +54,6 @@ def stand_ins() -> dict:
             "lm": lm, "token_batches": token_batches}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_blocks(blocks: list[str], namespace: dict) -> None:
     """Execute the blocks in order in one namespace, as a reader would; SnippetError names the
     block that raised."""
@@ -79,7 +73,7 @@ def test_the_readme_has_python_snippets():
 def test_every_readme_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}.items():
+                       "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}.items():
         monkeypatch.setenv(key, value)               # the snippet of one rank under torchrun
     namespace = stand_ins()
     try:
