@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture, rejected
+from .capture import COVERAGE_META_KEY, Coverage, capture, coverage_of, rejected
 from .channels import channel_axis
 from .copying import device_of, moved
 from .data import Batch, iter_batches, loader_length
@@ -75,6 +75,17 @@ def accumulators_for(gm: fx.GraphModule, example: Batch | None, gelu_margins=GEL
     return out
 
 
+def warn_unanalysed(gm: fx.GraphModule) -> Coverage | None:
+    """Log a warning when activation calls run in `gm` that calibration does not observe (the
+    count and where they hide); returns the Coverage record (None when it was not measured)."""
+    cov = gm.meta.get(COVERAGE_META_KEY)
+    if cov is not None and cov.unanalysed:
+        log.warning("%d of %d activation calls that run are not analysed (their units are kept "
+                    "as they are): %s", cov.unanalysed, cov.run,
+                    "; ".join(h.describe() for h in cov.hidden))
+    return cov
+
+
 def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | None = None,
               device: torch.device | str | None = None, input_key: str | None = None,
               progress: bool = True, gelu_margins: tuple[float, float] = GELU_MARGINS,
@@ -83,7 +94,9 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
     """Capture `model` and record, per activation call, its region statistics.
 
     Returns the captured GraphModule (on `device`, eval mode) with an ActivationStats record in
-    node.meta["egp"] of every activation node. `model` itself is never modified. The loader may
+    node.meta["egp"] of every activation node, and in meta["egp_coverage"] a capture.Coverage:
+    the activation calls that run on one sample and those inside leaves or unknown ops that are
+    not analysed (logged as a warning). `model` itself is never modified. The loader may
     yield tensors, (input, ...) tuples or dicts of tensors (egp_fx.data). `capture_mode`:
     "auto" (torch.fx, then torch.export), "fx" or "export". `distributed`: reduce the statistics
     over the ranks of the default process group (default: when one is initialised).
@@ -104,6 +117,9 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
                                     gelu_margins, silu_margins)
     if not accumulators:
         log.warning("calibrate: the model has no supported activation calls")
+    if first is not None:
+        gm.meta[COVERAGE_META_KEY] = coverage_of(gm, first.to(device).head(1), set(accumulators))
+        warn_unanalysed(gm)
     inst = _instrument(gm, accumulators)
     rest = itertools.chain([first] if first is not None and counted else [], batches)
     bar = tqdm(total=loader_length(calib_loader, max_batches), desc="calibrate", unit="batch",

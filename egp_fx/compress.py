@@ -25,8 +25,9 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import calibrate
+from .calibrate import calibrate, warn_unanalysed
 from .copying import own_tensors, structural_copy
+from .capture import COVERAGE_META_KEY
 from .data import Batch, iter_batches
 from .errors import CompressError
 from .measures import measure
@@ -220,6 +221,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
         distributed=distributed)
+    coverage = warn_unanalysed(original) if calibrated is not None else \
+        original.meta.get(COVERAGE_META_KEY)
     dev = next((p.device for p in original.parameters()), torch.device("cpu"))
     batches = [b.to(dev) for b in batches]
     holdout = [b.to(dev) for b in iter_batches(holdout_loader, input_key=input_key)] \
@@ -229,7 +232,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     verifier = Verifier(original, verify, _outputs(original, verify), tolerance, approx_tolerance)
     example = batches[0].head(1)
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
-                            target=target, capture=original.meta.get("egp_capture"))
+                            target=target, capture=original.meta.get("egp_capture"),
+                            coverage=coverage)
     gm = structural_copy(original)
     unshare(gm)
     options = PassOptions(**target_options(target, channel_multiple),

@@ -65,3 +65,55 @@ def fit_bn_statistics(model: nn.Module, batches) -> nn.Module:
     for m in bns:
         m.momentum = 0.1
     return model
+
+
+def _producer(gm, node, ops):
+    """The node writing the pre-activation of `node`, through eval-mode no-ops."""
+    from egp_fx.ops import Role, main_input
+
+    z = main_input(node)
+    while z is not None and ops(z).role is Role.IDENTITY:
+        z = main_input(z)
+    return z
+
+
+@torch.no_grad()
+def plant_dead_units(model: nn.Module, example, fraction: int = 4, value: float = -30.0,
+                     capture: str = "auto") -> list[str]:
+    """Every `fraction`-th channel of each BatchNorm or conv/linear that writes the input of an
+    activation call outputs `value` for every input (scale or weight row 0, shift or bias
+    `value`), in place; returns the module paths planted.
+
+    Found on the captured graph (egp_fx.trace), which shares the model's tensors, so it works
+    for any architecture and either capture. -30 lies in the constant low region of every
+    activation kind egp_fx analyses (relu OFF, GELU below -5.5, SiLU below -20, hardswish
+    below -3), so the unit is dead. A layer without a bias is left alone.
+    """
+    import egp_fx
+    from egp_fx.layer import layer_of, norm_of
+    from egp_fx.ops import Ops
+    from egp_fx.regions import region_spec
+
+    gm = egp_fx.trace(model, example, capture=capture)
+    ops = Ops(gm)
+    planted, done = [], set()
+    for node in gm.graph.nodes:
+        if region_spec(ops(node)) is None:
+            continue
+        z = _producer(gm, node, ops)
+        norm = norm_of(gm, z, ops.modules) if z is not None else None
+        layer = layer_of(gm, z, ops.modules) if z is not None and norm is None else None
+        if norm is not None:
+            scale, shift, path = norm.tensors["weight"], norm.tensors["bias"], norm.path
+        elif layer is not None:
+            scale, shift, path = layer.weight, layer.bias, layer.path
+        else:
+            continue
+        if scale is None or shift is None or shift.data_ptr() in done:
+            continue
+        idx = torch.arange(0, shift.shape[0], fraction)
+        scale[idx] = 0.0
+        shift[idx] = value
+        done.add(shift.data_ptr())
+        planted.append(path)
+    return planted
