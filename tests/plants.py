@@ -77,17 +77,20 @@ def _producer(gm, node, ops):
     return z
 
 
+DEAD_INPUT = {"leaky_relu": 0.0, "hardtanh": 0.0}   # kinds whose low region is not zero
+
+
 @torch.no_grad()
-def plant_dead_units(model: nn.Module, example, fraction: int = 4, value: float = -30.0,
+def plant_dead_units(model: nn.Module, example, fraction: int = 4,
                      capture: str = "auto") -> list[str]:
     """Every `fraction`-th channel of each BatchNorm or conv/linear that writes the input of an
-    activation call outputs `value` for every input (scale or weight row 0, shift or bias
-    `value`), in place; returns the module paths planted.
+    activation call outputs a constant for every input (scale or weight row 0, shift or bias
+    the constant), in place, so that the unit's output is zero; returns the paths planted.
 
     Found on the captured graph (egp_fx.trace), which shares the model's tensors, so it works
-    for any architecture and either capture. -30 lies in the constant low region of every
-    activation kind egp_fx analyses (relu OFF, GELU below -5.5, SiLU below -20, hardswish
-    below -3), so the unit is dead. A layer without a bias is left alone.
+    for any architecture and either capture. The constant is -30, in the zero low region of
+    relu, relu6, GELU (below -5.5), SiLU (below -20) and hardswish (below -3); 0 for
+    leaky_relu and hardtanh, whose low region is not zero. A layer without a bias is left alone.
     """
     import egp_fx
     from egp_fx.layer import layer_of, norm_of
@@ -98,7 +101,8 @@ def plant_dead_units(model: nn.Module, example, fraction: int = 4, value: float 
     ops = Ops(gm)
     planted, done = [], set()
     for node in gm.graph.nodes:
-        if region_spec(ops(node)) is None:
+        spec = region_spec(ops(node))
+        if spec is None:
             continue
         z = _producer(gm, node, ops)
         norm = norm_of(gm, z, ops.modules) if z is not None else None
@@ -113,7 +117,30 @@ def plant_dead_units(model: nn.Module, example, fraction: int = 4, value: float 
             continue
         idx = torch.arange(0, shift.shape[0], fraction)
         scale[idx] = 0.0
-        shift[idx] = value
+        shift[idx] = DEAD_INPUT.get(spec.kind, -30.0)
         done.add(shift.data_ptr())
+        planted.append(path)
+    return planted
+
+
+@torch.no_grad()
+def plant_norm_act(model: nn.Module, fraction: int = 4) -> list[str]:
+    """plant_dead_units without a capture, for timm models: every `fraction`-th channel of each
+    BatchNorm with an activation (timm's BatchNormAct2d) and of each MLP's fc1 (timm's Mlp)
+    outputs -30 before the activation. For models whose capture is slow (torch.export)."""
+    planted = []
+    for path, m in model.named_modules():
+        act = getattr(m, "act", None)
+        if act is None or isinstance(act, nn.Identity):
+            continue
+        if isinstance(m, nn.BatchNorm2d):
+            scale, shift = m.weight, m.bias
+        elif isinstance(getattr(m, "fc1", None), nn.Linear):
+            scale, shift, path = m.fc1.weight, m.fc1.bias, f"{path}.fc1"
+        else:
+            continue
+        idx = torch.arange(0, shift.shape[0], fraction)
+        scale[idx] = 0.0
+        shift[idx] = -30.0
         planted.append(path)
     return planted
