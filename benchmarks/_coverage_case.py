@@ -2,13 +2,15 @@
 
     run_case("timm", "mobilenetv2_100") -> dict
 
-- build: random weights (pretrained=False / weights=None), eval mode; the smallest input side
-  the model accepts among 64, 96, 128, 224 (timm / torchvision ViTs are rebuilt for 64 px with
-  img_size= / image_size= where they take it), else the model's own input size;
+- build: random weights (pretrained=False / weights=None), eval mode; the first input side the
+  model accepts among 64, 56, 96, 112, 128, 224 (timm /
+  torchvision ViTs are rebuilt for that side with img_size= / image_size= where they take it:
+  56 and 112 suit patch 14), else the model's own input size;
 - plant: BatchNorms get random affine parameters (tests/plants.realistic_bn), then
   tests/plants.plant_dead_units makes every 4th channel of each BatchNorm or conv/linear that
   writes an activation's input constant (a dead unit, whatever the kind), then every BatchNorm's
-  running statistics are set to the calibration data's (fit_bn_statistics), as training would:
+  running statistics are set to the calibration data's (fit_bn_statistics, the BatchNorms alone
+  in training mode), as training would:
   with default statistics the signal of many random networks vanishes with depth (a torchvision
   efficientnet_b0 then outputs values near 1e-13), and no relative error means anything;
 - run vs seen: activation calls that run in the planted model on one sample, counted at dispatch
@@ -16,8 +18,14 @@
   calibration analysed (the report's coverage record), and where the others hide;
 - compress on 2 batches of 2 random images (seconds: the whole call, calibration included);
 - exact: max |compressed(x) - model(x)| / max |model(x)| on the calibration batches, in
-  float64 on copies (float32 rounding through deep nets would blur the check) and float32;
-- ONNX: egp_fx.export_onnx of the compressed model and its onnxruntime parity (batch of 2).
+  float64 on copies, and float32. Folded weights are stored in float32, so even in float64 the
+  compressed model differs from the planted one by the float32 rounding of its rewritten
+  weights, amplified by the depth of the network: the rule is compress's own (egp_fx.verify),
+  exact when within 1e-5 or within 10x the planted model's own float32 rounding noise (its
+  float32 vs float64 outputs);
+- ONNX: egp_fx.export_onnx of the compressed model and its onnxruntime parity (batch of 2), to
+  its default tolerance (1e-4 relative) or 10x the planted model's own float32 noise if larger
+  (onnxruntime rounds differently from torch, and deep random networks amplify rounding).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import torch
 from torch import nn
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
-SIDES = (64, 96, 128, 224)
+SIDES = (64, 56, 96, 112, 128, 224)
 EXACT = 1e-5                  # float64 relative error allowed (tests/test_compress.py)
 BATCHES, BATCH = 2, 2
 
@@ -76,16 +84,35 @@ def build(source: str, name: str) -> tuple[nn.Module, int, dict]:
     return default, side, {}
 
 
-def _error(model: nn.Module, small: nn.Module, batches, dtype) -> float:
-    m, s = copy.deepcopy(model).to(dtype), copy.deepcopy(small).to(dtype)
-    worst = 0.0
+def _first(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _outputs(model: nn.Module, batches, dtype=None) -> list[torch.Tensor]:
+    """First output on each batch, in float64; the model runs in `dtype` (on a copy)."""
+    m = copy.deepcopy(model).to(dtype) if dtype is not None else model
     with torch.no_grad():
-        for x in batches:
-            ref, out = m(x.to(dtype)), s(x.to(dtype))
-            ref = ref if isinstance(ref, torch.Tensor) else ref[0]
-            out = out if isinstance(out, torch.Tensor) else out[0]
-            worst = max(worst, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-    return worst
+        return [_first(m(x.to(dtype) if dtype is not None else x)).double() for x in batches]
+
+
+def _rel(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    return max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-30))
+               for o, r in zip(outs, refs))
+
+
+def _errors(model: nn.Module, small: nn.Module, batches) -> dict:
+    """err32 (compressed vs planted, float32), err64 (both run in float64, on copies) and
+    noise32 (the planted model's float32 vs float64 outputs). One float64 copy at a time."""
+    ref32 = _outputs(model, batches)
+    out = {"err32": _rel(_outputs(small, batches), ref32)}
+    try:
+        ref64 = _outputs(model, batches, torch.float64)
+        out.update(noise32=_rel(ref32, ref64),
+                   err64=_rel(_outputs(small, batches, torch.float64), ref64))
+    except Exception as err:  # noqa: BLE001  (a model with fixed float32 parts)
+        out.update(noise32=None, err64=None,
+                   err64_failure=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    return out
 
 
 def _count_run(model: nn.Module, x: torch.Tensor) -> int:
@@ -97,17 +124,28 @@ def _count_run(model: nn.Module, x: torch.Tensor) -> int:
     return counter.total
 
 
-def _onnx(small: nn.Module, x: torch.Tensor) -> dict:
+def _onnx(small: nn.Module, x: torch.Tensor, noise: float | None) -> dict:
     import egp_fx
 
+    tolerance = max(1e-4, 10 * (noise or 0.0))
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            res = egp_fx.export_onnx(small, Path(tmp) / "model.onnx", x)
+            res = egp_fx.export_onnx(small, Path(tmp) / "model.onnx", x, tolerance=tolerance)
         except Exception as err:  # noqa: BLE001  (recorded in the table)
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             detail = "; ".join(lines[1:] or lines)      # ExportError: one line per exporter
             return {"ok": False, "reason": f"{type(err).__name__}: {detail[:500]}"}
-    return {"ok": True, "exporter": res.exporter, "max_rel_err": res.max_rel_err}
+    return {"ok": True, "exporter": res.exporter, "max_rel_err": res.max_rel_err,
+            "tolerance": tolerance}
+
+
+def _most_frequent(reasons) -> str | None:
+    """The most frequent refusal reason, numbers masked so that one rule counts once."""
+    import re
+    from collections import Counter
+
+    counts = Counter(re.sub(r"\d+", "N", r) for r in reasons)
+    return counts.most_common(1)[0][0][:200] if counts else None
 
 
 def _compress_row(model, batches) -> dict:
@@ -124,37 +162,54 @@ def _compress_row(model, batches) -> dict:
            "hidden": [h.describe() for h in cov.hidden] if cov else [],
            "params_before": b.params, "params_after": a.params,
            "flops_before": b.flops, "flops_after": a.flops,
-           "report_error": report.max_error, "compress_s": round(seconds, 2)}
-    row["err32"] = _error(model, small, batches, torch.float32)
-    try:
-        row["err64"] = _error(model, small, batches, torch.float64)
-    except Exception as err:  # noqa: BLE001  (a model with fixed float32 parts)
-        row["err64"] = None
-        row["err64_failure"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    row["onnx"] = _onnx(small, batches[0])
+           "report_error": report.max_error, "compress_s": round(seconds, 2),
+           "refusal": _most_frequent(r.reason for r in report.refusals if r.activation)}
+    row.update(_errors(model, small, batches))
+    row["onnx"] = _onnx(small, batches[0], row.get("noise32"))
     return row
 
 
-def verdict(row: dict) -> str | None:
-    """None when the model is fully covered, else the first reason it is not."""
-    if row.get("error"):
-        return row["error"]
+UNSTABLE = 1e-2     # own float32 noise beyond which a random model's outputs are chaotic
+
+
+def exact_limit(row: dict) -> float:
+    """1e-5, or 10x the model's own float32 noise (float64 check); 1e-4 in float32 only."""
+    if row.get("err64") is None:
+        return 10 * EXACT
+    return max(EXACT, 10 * row["noise32"])
+
+
+def _reasons(row: dict) -> list[str]:
+    out = []
     if row["seen"] != row["run"]:
         hidden = "; ".join(row["hidden"]) or "calls run that the captured graph does not hold"
-        return f"{row['run'] - (row['seen'] or 0)} of {row['run']} activation calls not analysed: {hidden}"
+        out.append(f"{row['run'] - (row['seen'] or 0)} of {row['run']} activation calls not "
+                   f"analysed: {hidden}")
     if row["run"] == 0:
-        return "no activation calls of a kind egp_fx analyses"
+        out.append("no activation calls of a kind egp_fx analyses")
     err = row["err64"] if row["err64"] is not None else row["err32"]
-    limit = EXACT if row["err64"] is not None else 10 * EXACT
-    if not err <= limit:
-        return f"not exact: relative error {err:.3g} (limit {limit:g})"
+    if row.get("noise32") is not None and row["noise32"] > UNSTABLE:
+        out.append(f"exactness cannot be checked: the planted random model is numerically "
+                   f"unstable (its own float32 and float64 outputs differ by "
+                   f"{row['noise32']:.2g} relative)")
+    elif not err <= exact_limit(row):
+        out.append(f"not exact: relative error {err:.3g} (limit {exact_limit(row):.3g})")
     if not row["planted"]:
-        return "nothing to plant: no BatchNorm or conv/linear with a bias writes an activation's input"
-    if row["params_after"] >= row["params_before"]:
-        return f"planted dead units in {len(row['planted'])} layers, none removed"
+        out.append("nothing to plant: no activation's input is written by a BatchNorm or "
+                   "conv/linear (through reshapes and sums)")
+    elif row["params_after"] >= row["params_before"] and row["flops_after"] >= row["flops_before"]:
+        why = f" (most frequent refusal: {row['refusal']})" if row.get("refusal") else ""
+        out.append(f"planted dead units in {len(row['planted'])} layers, none removed{why}")
     if not row["onnx"]["ok"]:
-        return f"ONNX export: {row['onnx']['reason']}"
-    return None
+        out.append(f"ONNX export: {row['onnx']['reason']}")
+    return out
+
+
+def verdict(row: dict) -> str | None:
+    """None when the model is fully covered, else every reason it is not, joined."""
+    if row.get("error"):
+        return row["error"]
+    return " | ".join(_reasons(row)) or None
 
 
 def pick(family: str, max_params: float) -> dict:
@@ -198,7 +253,7 @@ def run_case(source: str, name: str) -> dict:
         realistic_bn(model)
         row["planted"] = plant_dead_units(model, batches[0])
         stage = "BatchNorm statistics"
-        fit_bn_statistics(model, batches)
+        fit_bn_statistics(model, batches, only_norms=True)
         row["run"] = _count_run(model, batches[0])
         stage = "compress"
         row.update(_compress_row(model, batches))

@@ -280,3 +280,31 @@ def test_dropping_asserts_keeps_in_place_ops_whose_result_is_unused():
     assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["relu_"]
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
+
+
+class PermuteView(nn.Module):
+    """conv -> permute -> reshape, as timm's cpubone attention writes its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)                                     # N, 4, H, W
+        n, c, h, w = y.shape
+        y = y.view(n, c, h * w).permute(0, 2, 1).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        return self.act(y)
+
+
+def test_export_graph_has_reshape_not_view_and_runs_on_a_batch_of_one():
+    torch.manual_seed(0)
+    model = PermuteView().eval()
+    gm = egp_fx.trace(model, torch.randn(2, 3, 4, 4), capture="export")
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "aten.view.default" not in targets and "aten._unsafe_view.default" not in targets
+    assert "aten.reshape.default" in targets
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 4, 4)
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x))

@@ -8,9 +8,12 @@ Each rewrite computes exactly what it replaces:
   `matmul(x, W)`: Hugging Face's Conv1D in GPT-2) becomes `linear(x, W', b)` with W' the
   transposed *view* of W (no copy): linear computes x @ W'.T + b = x @ W + b, the same
   product with the same operands;
-- `_unsafe_view`, which functionalisation writes where a reshape had to copy, becomes
-  `reshape` (in a functional graph the two compute the same; fake-tensor shape propagation
-  refuses _unsafe_view of an expanded tensor, as Hugging Face's grouped-query attention makes);
+- `_unsafe_view`, which functionalisation writes where a reshape had to copy, and `view`, which
+  it writes where the example's strides allowed one, become `reshape` (in a functional graph
+  the three compute the same; fake-tensor shape propagation refuses _unsafe_view of an
+  expanded tensor, as Hugging Face's grouped-query attention makes, and a view recorded for the
+  example's strides fails on a batch of one where a permuted tensor has other strides, as in
+  timm's cpubone);
 - runtime checks of dtype and device (`_assert_tensor_metadata`) and the input-guard module
   go: they compute nothing.
 Node metadata is reduced to the module path and the source line (`nn_module_stack`,
@@ -95,7 +98,7 @@ def _products(gm: fx.GraphModule) -> int:
 def _reshapes(graph: fx.Graph) -> int:
     done = 0
     for node in graph.nodes:
-        if node.target is aten._unsafe_view.default:
+        if node.target in (aten._unsafe_view.default, aten.view.default):
             node.target = aten.reshape.default
             done += 1
     return done
