@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture, rejected
+from .capture import COVERAGE_META_KEY, Coverage, capture, coverage_of, rejected
 from .channels import channel_axis
 from . import distributed as ranks
 from .activations import GELU_MARGINS, SILU_MARGINS, region_spec
@@ -87,6 +87,17 @@ def _check_backend(device: torch.device) -> None:
         raise
 
 
+def warn_unanalysed(gm: fx.GraphModule) -> Coverage | None:
+    """Log a warning when activation calls run in `gm` that calibration does not observe (the
+    count and where they hide); returns the Coverage record (None when it was not measured)."""
+    cov = gm.meta.get(COVERAGE_META_KEY)
+    if cov is not None and cov.unanalysed:
+        log.warning("%d of %d activation calls that run are not analysed (their units are kept "
+                    "as they are): %s", cov.unanalysed, cov.run,
+                    "; ".join(h.describe() for h in cov.hidden))
+    return cov
+
+
 def _observe(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator], batches: Iterable,
              device: torch.device, total: int | None, progress: bool, on_output=None) -> None:
     """The local pass: every batch through the instrumented copy of gm (on_output sees each
@@ -115,7 +126,9 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
     """Capture `model` and record, per activation call, its region statistics.
 
     Returns the captured GraphModule (on `device`, eval mode) with an ActivationStats record in
-    node.meta["egp"] of every activation node. `model` itself is never modified. The loader may
+    node.meta["egp"] of every activation node, and in meta["egp_coverage"] a capture.Coverage:
+    the activation calls that run on one sample and those inside leaves or unknown ops that are
+    not analysed (logged as a warning). `model` itself is never modified. The loader may
     yield tensors, (input, ...) tuples or dicts of tensors (egp_fx.data). `capture_mode`:
     "auto" (torch.fx, then torch.export), "fx" or "export". `on_output(batch, output)`, when
     given, sees the model's output for every batch of this rank (compress keeps the references
@@ -145,6 +158,8 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
         accumulators = accumulators_for(gm, first.to(device), gelu_margins, silu_margins)
         if not accumulators:
             log.warning("calibrate: the model has no supported activation calls")
+        gm.meta[COVERAGE_META_KEY] = coverage_of(gm, first.to(device).head(1), set(accumulators))
+        warn_unanalysed(gm)
         _observe(gm, accumulators, itertools.chain([first] if counted else [], batches), device,
                  loader_length(calib_loader, max_batches), progress, on_output)
     if reduce:

@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as ranks
-from .calibrate import calibrate
+from .calibrate import calibrate, warn_unanalysed
+from .capture import COVERAGE_META_KEY
 from .copying import device_of, own_tensors, structural_copy, tensor_bytes
 from .data import Batch, iter_batches
 from .distributed import verification as shared
@@ -276,6 +277,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
         distributed=reduce, on_output=keeper)
+    coverage = warn_unanalysed(original) if calibrated is not None else \
+        original.meta.get(COVERAGE_META_KEY)
     dev = device_of(original)
     batches, holdout = [b.to(dev) for b in batches], [b.to(dev) for b in holdout]
     t0 = time.perf_counter()
@@ -289,7 +292,8 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
                         _heads(refs, batches, take) + holdout_refs, tolerance,
                         approx_tolerance, combine)
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
-                            target=target, capture=original.meta.get("egp_capture"))
+                            target=target, capture=original.meta.get("egp_capture"),
+                            coverage=coverage)
     gm = structural_copy(original)
     unshare(gm)
     timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None

@@ -61,6 +61,7 @@ class CompressReport:
     seconds: float = 0.0
     target: str = "ort-cpu"
     capture: object = None                                      # capture.CaptureInfo
+    coverage: object = None                                     # capture.Coverage
 
     @property
     def applied(self) -> list[Rewrite]:
@@ -103,11 +104,12 @@ class CompressReport:
             d["status"] = r.status.value
             return d
         capture = self.capture.to_dict() if hasattr(self.capture, "to_dict") else None
+        coverage = self.coverage.to_dict() if hasattr(self.coverage, "to_dict") else None
         return _json_safe({"before": self.before.to_dict(),
                            "after": self.after.to_dict() if self.after else None,
                            "tolerance": self.tolerance, "max_error": self.max_error,
                            "holdout_error": self.holdout_error, "seconds": self.seconds,
-                           "target": self.target, "capture": capture,
+                           "target": self.target, "capture": capture, "coverage": coverage,
                            "passes": [asdict(p) for p in self.passes],
                            "rewrites": [rewrite(r) for r in self.rewrites],
                            "refusals": [asdict(r) for r in self.refusals]})
@@ -131,6 +133,8 @@ class CompressReport:
         ]
         if self.capture is not None and hasattr(self.capture, "describe"):
             lines.append(self.capture.describe())
+        if getattr(self.coverage, "unanalysed", 0):
+            lines.append(self.coverage.describe())
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -29,16 +29,19 @@ from ..attrs import CAPTURE_META_KEY
 from ..shapes import failing_node
 from ..verify import ErrorMeter, tensor_leaves
 from .canonical import TRANSPOSED_META_KEY, canonical_modules, canonicalise
+from .coverage import COVERAGE_META_KEY, Coverage, Hidden, activation_coverage
 from .export_trace import export_capture, fixed_keywords
-from .fx_trace import LEAF_MODULES, fx_capture, register_leaf_module, register_wrapped_function
+from .fx_trace import LEAF_MODULES, fx_capture, register_leaf_module, register_wrapped_function, \
+    wrapped_functions
 
 log = logging.getLogger(__name__)
 
 CAPTURES = ("auto", "fx", "export")
 CHECK_TOLERANCE = 1e-5      # relative error allowed between the captured graph and the model
 
-__all__ = ["CAPTURES", "CaptureInfo", "LEAF_MODULES", "capture", "capture_info",
-           "register_leaf_module", "register_wrapped_function", "rejected"]
+__all__ = ["CAPTURES", "COVERAGE_META_KEY", "CaptureInfo", "Coverage", "Hidden", "LEAF_MODULES",
+           "activation_coverage", "capture", "capture_info", "coverage_of", "register_leaf_module",
+           "register_wrapped_function", "rejected"]
 
 
 @dataclass
@@ -51,6 +54,7 @@ class CaptureInfo:
     notes: list[str] = field(default_factory=list)
     check_error: float | None = None           # captured vs model on the example batch
     transposed: list[str] = field(default_factory=list)   # attributes held as the model's .T
+    leaves: dict[str, str] = field(default_factory=dict)   # module kept whole -> why
 
     def describe(self) -> str:
         text = f"captured with {'torch.fx' if self.mode == 'fx' else 'torch.export'}"
@@ -62,11 +66,24 @@ class CaptureInfo:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "fx_failure": self.fx_failure, "notes": list(self.notes),
-                "check_error": self.check_error}
+                "check_error": self.check_error, "leaves": dict(self.leaves)}
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo | None:
     return getattr(gm, "meta", {}).get(CAPTURE_META_KEY)
+
+
+def coverage_of(gm: fx.GraphModule, example: Batch, analysed: set[str]) -> Coverage | None:
+    """Activation calls of `gm` that run on `example` and those of `analysed` (coverage.py),
+    with the reasons the capture recorded; None (and a warning) when the count cannot run."""
+    info = capture_info(gm)
+    try:
+        return activation_coverage(gm, example, analysed, leaves=info.leaves if info else {},
+                                   functions=wrapped_functions())
+    except Exception as err:  # noqa: BLE001  (a diagnostic must not stop calibration)
+        log.warning("could not count the activation calls that run (%s: %s)",
+                    type(err).__name__, err)
+        return None
 
 
 def rejected(index: int, batch: Batch, err: BaseException, where: str | None = None) -> str:
@@ -100,11 +117,12 @@ def _check(gm: fx.GraphModule, reference: list, example: Batch) -> float:
 
 def _try_fx(root, plain, example, leaf_modules) -> tuple[fx.GraphModule | None, str | None, float | None]:
     try:
-        gm = fx_capture(root, leaf_modules)
+        gm, leaves = fx_capture(root, leaf_modules)
     except TraceError as err:
         if example is not None:
             _reference(plain, example, None)   # a batch the model rejects is the data's fault
         return None, str(err), None
+    gm.meta[CAPTURE_META_KEY] = CaptureInfo("fx", leaves=leaves)
     if example is None:
         return gm, None, None
     reference = _reference(plain, example, gm)
@@ -153,7 +171,8 @@ def capture(model: nn.Module, example: Batch | None = None, *, mode: str = "auto
     if mode in ("auto", "fx"):
         gm, fx_failure, err = _try_fx(root, plain, example, leaf_modules)
         if gm is not None:
-            gm.meta[CAPTURE_META_KEY] = CaptureInfo("fx", check_error=err, notes=swaps)
+            info = gm.meta[CAPTURE_META_KEY]
+            info.check_error, info.notes = err, swaps
             return gm
         if mode == "fx":
             raise TraceError(f"{fx_failure}. Register the module as a leaf with "

@@ -26,8 +26,10 @@ Before either capture, activation modules that spell a known activation out in e
 operations are replaced by the torch module computing the same formula, so that the graph holds
 one activation call the classifier knows (`canonical_modules`): Hugging Face's
 NewGELUActivation, FastGELUActivation and GELUTanh compute 0.5 x (1 + tanh(sqrt(2/pi)
-(x + 0.044715 x^3))), which is nn.GELU(approximate="tanh"). The capture is checked against the
-unchanged model (capture/__init__.py), so a swap that changed the function would be caught.
+(x + 0.044715 x^3))), which is nn.GELU(approximate="tanh"). Fused normalisation + activation
+modules (timm's BatchNormAct2d, GroupNormAct, ...) are split into a torch normalisation module
+and their activation module (norm_act.py). The capture is checked against the unchanged model
+(capture/__init__.py), so a swap that changed the function would be caught.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..attrs import attr, set_attr
+from .norm_act import split_of
 
 aten = torch.ops.aten
 _KEEP_META = ("nn_module_stack", "stack_trace")
@@ -161,18 +164,24 @@ EQUIVALENT_MODULES = {           # class name -> the torch module computing the 
 
 
 def canonical_modules(root: nn.Module) -> list[str]:
-    """Replace, in place, modules of EQUIVALENT_MODULES by their torch equivalent; notes."""
+    """Replace, in place, modules of EQUIVALENT_MODULES by their torch equivalent, and fused
+    norm+activation modules by their parts (norm_act.py); notes on what was replaced."""
     swapped: dict[str, int] = {}
     for path, mod in list(root.named_modules()):
+        if not path:
+            continue
         make = EQUIVALENT_MODULES.get(type(mod).__name__)
-        if make is None or not path:
+        new = make(mod) if make is not None else split_of(mod)
+        if new is None:
             continue
         owner_path, _, name = path.rpartition(".")
         owner = root.get_submodule(owner_path) if owner_path else root
-        setattr(owner, name, make(mod))
+        setattr(owner, name, new)
         swapped[type(mod).__name__] = swapped.get(type(mod).__name__, 0) + 1
-    return [f"{n} {cls} as {make_name(cls)}" for cls, n in swapped.items()]
+    return [f"{n} {cls} as {_name_of(cls)}" for cls, n in swapped.items()]
 
 
-def make_name(cls: str) -> str:
-    return repr(EQUIVALENT_MODULES[cls](None))
+def _name_of(cls: str) -> str:
+    if cls in EQUIVALENT_MODULES:
+        return repr(EQUIVALENT_MODULES[cls](None))
+    return "norm + activation modules"

@@ -3,15 +3,24 @@
 The model is traced with a Tracer that treats a registry of modules as leaves (fx cannot look
 inside them) and wraps a registry of functions (they contain Python control flow on tensor
 values). From timm's own registries only the functions are taken: timm marks its fused
-norm+activation modules (BatchNormAct2d, ...) as untraceable for its feature extraction, but fx
-traces them in eval mode, and their activations must be seen. A leaf hides its activations from
-calibration; `leaf_activations` counts them so compress can say so.
+norm+activation modules (BatchNormAct2d, ...) as untraceable for its feature extraction, but in
+eval mode they are a normalisation and an activation (split before capture: norm_act.py), and
+their activations must be seen. A leaf hides its activations from calibration: the tracer
+records which leaves it kept and why (`Tracer.leaf_reasons`), and coverage.py counts the
+activation calls inside them.
+
+Runtime assertions that fx records from the model's code (`torch._assert(x.ndim == 4, ...)`,
+timm's shape checks) are dropped from the traced graph: they compute nothing, and as extra
+users of a layer's output they would block rewrites of it. The capture is checked against the
+model on the example batch, as before.
 """
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -32,8 +41,14 @@ def register_leaf_module(cls: type, reason: str) -> type:
 
 
 def register_wrapped_function(fn: Callable, reason: str) -> Callable:
+    """Keep calls of `fn` as one node when tracing (activations inside are then not analysed)."""
     WRAPPED_FUNCTIONS[fn] = reason
     return fn
+
+
+def wrapped_functions() -> dict[Callable, str]:
+    """Every function the tracer keeps as one call, with its reason."""
+    return {**_timm_functions(), **WRAPPED_FUNCTIONS}
 
 
 def _timm_functions() -> dict[Callable, str]:
@@ -61,12 +76,17 @@ class Tracer(fx.Tracer):
     def __init__(self, leaves: dict[type, str] | None = None,
                  functions: dict[Callable, str] | None = None):
         super().__init__(autowrap_functions=tuple(functions or ()))
-        self._leaf_types = tuple(leaves or ())
+        self._leaves = dict(leaves or {})
+        self._leaf_types = tuple(self._leaves)
         self._stack: list[tuple[str, str]] = []
         self.failed_in: tuple[str, str] | None = None
+        self.leaf_reasons: dict[str, str] = {}     # module path -> why it was kept whole
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
+            cls = next(c for c in self._leaves if isinstance(m, c))
+            self.leaf_reasons[module_qualified_name] = \
+                f"{cls.__name__} is a registered leaf module ({self._leaves[cls]})"
             return True
         if isinstance(m, _activation_modules()):   # one call egp_fx can classify
             return True
@@ -84,10 +104,41 @@ class Tracer(fx.Tracer):
             self._stack.pop()
 
 
-def fx_capture(root: nn.Module, leaf_modules: dict[type, str] | None = None) -> fx.GraphModule:
-    """Trace `root` (already the copy to keep, in eval mode). Raises TraceError naming the module."""
+_PURE = frozenset({getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                   operator.ge, operator.not_, operator.and_, operator.or_, operator.getitem,
+                   operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+                   operator.truediv, len})
+
+
+def _harmless(node: fx.Node) -> bool:
+    """An op without side effects on shapes or numbers (getattr, comparisons, arithmetic)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    try:
+        return node.op == "call_function" and node.target in _PURE
+    except TypeError:  # an unhashable target
+        return False
+
+
+def drop_asserts(graph: fx.Graph) -> int:
+    """Erase torch._assert / _assert_async calls and the unused shape arithmetic that fed them
+    (nothing else: dead code elimination would also take in-place ops whose result is unused)."""
+    asserts = [n for n in graph.nodes if n.op == "call_function"
+               and n.target in (torch._assert, torch._assert_async) and not n.users]
+    for node in asserts:
+        graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):
+        if not node.users and _harmless(node):
+            graph.erase_node(node)
+    return len(asserts)
+
+
+def fx_capture(root: nn.Module, leaf_modules: dict[type, str] | None = None
+               ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace `root` (already the copy to keep, in eval mode): (GraphModule, {path of a leaf
+    module kept whole: reason}). Raises TraceError naming the module fx could not trace."""
     leaves = {**LEAF_MODULES, **(leaf_modules or {})}
-    tracer = Tracer(leaves, {**_timm_functions(), **WRAPPED_FUNCTIONS})
+    tracer = Tracer(leaves, wrapped_functions())
     try:
         graph = tracer.trace(root)
     except Exception as err:  # fx raises many types; we re-raise one that names the module
@@ -95,23 +146,8 @@ def fx_capture(root: nn.Module, leaf_modules: dict[type, str] | None = None) -> 
         raise TraceError(
             f"torch.fx cannot trace module '{where[0]}' ({where[1]}): {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    drop_asserts(graph)
     gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
     gm.eval()
     log.debug("fx traced %s: %d nodes", type(root).__name__, len(gm.graph.nodes))
-    return gm
-
-
-def leaf_activations(gm: fx.GraphModule, kinds: tuple[type, ...]) -> dict[str, int]:
-    """{leaf module path: activation modules inside it} for call_module nodes of leaf types
-    that hold activations the graph cannot see."""
-    out = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        mod = gm.get_submodule(node.target)
-        if not any(True for _ in mod.children()):
-            continue
-        inside = sum(1 for m in mod.modules() if isinstance(m, kinds))
-        if inside:
-            out[str(node.target)] = inside
-    return out
+    return gm, tracer.leaf_reasons

@@ -15,7 +15,7 @@ from .table import DecisionTable
 
 CATEGORY_COLOURS = {"removed": "#a6a6a6", "narrowed": FATES["narrowed"][0],
                     "linearised": FATES["linearised"][0], "folded": FATES["folded"][0],
-                    "changed": FATES["added"][0], "kept": "#8fa6bd"}
+                    "changed": FATES["added"][0], "kept": "#8fa6bd", "not analysed": "#e06666"}
 
 
 def entropy_chart(table: DecisionTable, *, title: str = "") -> Figure:

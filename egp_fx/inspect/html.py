@@ -36,7 +36,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} tr.changed td{backgro
 details{margin:6px 0} summary{cursor:pointer;font-weight:600}
 .d-removed td,.c-removed td{background:#f0f0f0;color:#6b6b6b}
 .d-narrowed td{background:#fbf1c4} .d-linearised td{background:#dcf3e3}
-.d-folded td,.c-folded td{background:#fde3c8} .d-changed td,.c-added td{background:#ece2f8}
+.d-folded td,.c-folded td{background:#fde3c8} .d-not-analysed td{background:#f9d6d6} .d-changed td,.c-added td{background:#ece2f8}
 .c-modified td{background:#fbf6e0}
 .chip-removed{background:#e6e6e6} .chip-narrowed{background:#f4dc6b} .chip-linearised{background:#86d3a0}
 .chip-folded{background:#f5b26b} .chip-changed{background:#c9b0ea} .chip-kept{background:#cfdbe8}

@@ -5,7 +5,11 @@ and EASIER entropies; the smallest margin from a region boundary) with what comp
 (CompressReport.decisions(): a passes.base.Decision, removed / narrowed / linearised / folded /
 kept, with the reason every pass gave for leaving it). An activation that vanished without a
 decision of its own (it sat in a branch another rewrite removed) says which rewrite took it.
-Layers are named by their module path. Rendered as text, JSON and an HTML fragment.
+Activation calls that run but were not observed (inside a leaf module the capture kept whole,
+or an op the classifier does not know: capture/coverage.py) get one row per hiding node, with
+category "not analysed" and the reason ("3 activation call(s) inside blocks.2 (MyBlock) not
+analysed: ..."). Layers are named by their module path. Rendered as text, JSON and an HTML
+fragment.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch.fx as fx
 
 from ..attrs import module_path
+from ..capture.coverage import COVERAGE_META_KEY, Hidden
 from ..passes.base import Decision, DecisionKind
 from ..report import CompressReport
 from ..stats import EGP_META_KEY, ActivationStats
@@ -86,19 +91,32 @@ def _row(gm: fx.GraphModule, node: fx.Node, st: ActivationStats, block: str,
         st.dead_channels, history)
 
 
+def _hidden_row(h: Hidden, block: str) -> DecisionRow:
+    return DecisionRow(h.node, h.path, block, "+".join(sorted(h.kinds)), 0, 0, 0, 0, 0.0, 0.0,
+                       0.0, DecisionKind.NOT_ANALYSED.value, DecisionKind.NOT_ANALYSED.value,
+                       h.describe())
+
+
 class DecisionTable(list):
     """A list of DecisionRow, printable, with to_json() and to_html()."""
 
     @classmethod
     def build(cls, original: fx.GraphModule, compressed: fx.GraphModule, report: CompressReport,
               blocks: dict[str, str]) -> DecisionTable:
-        """One row per calibrated activation call of `original`, in graph order."""
+        """One row per calibrated activation call of `original`, and one per node hiding
+        activation calls that were not analysed, in graph order."""
         decisions = report.decisions()
         survivors = {n.name for n in compressed.graph.nodes}
-        return cls(_row(original, n, n.meta[EGP_META_KEY], blocks.get(n.name, ""), report,
-                        decisions, survivors)
-                   for n in original.graph.nodes
-                   if isinstance(n.meta.get(EGP_META_KEY), ActivationStats))
+        coverage = getattr(original, "meta", {}).get(COVERAGE_META_KEY)
+        hidden = {h.node: h for h in coverage.hidden} if coverage is not None else {}
+        rows = []
+        for n in original.graph.nodes:
+            if isinstance(n.meta.get(EGP_META_KEY), ActivationStats):
+                rows.append(_row(original, n, n.meta[EGP_META_KEY], blocks.get(n.name, ""),
+                                 report, decisions, survivors))
+            if n.name in hidden:
+                rows.append(_hidden_row(hidden[n.name], blocks.get(n.name, "")))
+        return cls(rows)
 
     def by_node(self) -> dict[str, DecisionRow]:
         return {r.node: r for r in self}
@@ -126,5 +144,5 @@ class DecisionTable(list):
     def to_html(self) -> str:
         """An HTML <table> fragment; each row has the class `d-<category>`."""
         return html_table(self._HEAD, [self._cells(r) for r in self],
-                          row_classes=[f"d-{r.category}" for r in self],
+                          row_classes=[f"d-{r.category.replace(' ', '-')}" for r in self],
                           numeric=(3, 4, 5, 6, 7, 8), css_class="decisions")

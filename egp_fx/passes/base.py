@@ -42,6 +42,7 @@ class DecisionKind(str, enum.Enum):
     LINEARISED = "linearised"
     FOLDED = "folded"
     KEPT = "kept"
+    NOT_ANALYSED = "not analysed"      # runs inside a leaf or an unknown op: never observed
 
 
 @dataclass(frozen=True)

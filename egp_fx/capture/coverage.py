@@ -1,0 +1,158 @@
+"""Which activation calls that run are analysed: counted at dispatch level, node by node.
+
+    activation_coverage(gm, example, analysed) -> Coverage
+
+The captured graph runs once on one sample under an fx Interpreter, with a TorchDispatchMode
+that counts the aten activation ops each node dispatches (relu, hardtanh (relu6 decomposes to
+it), leaky_relu, gelu, silu, hardswish and their in-place forms: the kinds regions.py analyses).
+Dispatch level sees every activation whatever spelled it: a module, a function, a tensor method,
+or an aten op of a torch.export graph. A node of `analysed` (the activation calls calibration
+observes) accounts for one call; any other call hides in a node the analysis cannot look into:
+
+- a leaf module kept whole by the tracer (the leaf registry, with the reason it was registered,
+  or a torch.nn module that fx does not enter, such as nn.TransformerEncoderLayer);
+- a wrapped function (the function registry: Python control flow on tensor values);
+- an activation op the classifier does not know.
+
+Each such node is a Hidden record with its count, the activation kinds and the reason; compress
+warns with the total and the decision table has a row for each.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..layer import module_path
+
+COVERAGE_META_KEY = "egp_coverage"
+COUNTED_OPS = {"relu": "relu", "relu_": "relu", "hardtanh": "hardtanh", "hardtanh_": "hardtanh",
+               "relu6": "relu6", "relu6_": "relu6", "leaky_relu": "leaky_relu",
+               "leaky_relu_": "leaky_relu", "gelu": "gelu", "gelu_": "gelu", "silu": "silu",
+               "silu_": "silu", "hardswish": "hardswish", "hardswish_": "hardswish"}
+
+
+class ActivationCounter(TorchDispatchMode):
+    """Counts aten activation ops by kind while active (`kinds`, a Counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kinds: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = COUNTED_OPS.get(func.overloadpacket.__name__)
+        if kind is not None:
+            self.kinds[kind] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.kinds.values())
+
+
+@dataclass
+class Hidden:
+    """Activation calls that run inside one node of the graph but are not analysed."""
+
+    node: str
+    path: str                 # module path ('' for a function)
+    what: str                 # the module's class or the function's name
+    count: int
+    kinds: dict[str, int]
+    reason: str
+
+    def describe(self) -> str:
+        where = self.path or self.node
+        return (f"{self.count} activation call(s) inside {where} ({self.what}) not analysed: "
+                f"{self.reason}")
+
+
+@dataclass
+class Coverage:
+    """Activation calls that ran on one sample of the captured graph, and those analysed."""
+
+    run: int
+    analysed: int
+    hidden: list[Hidden] = field(default_factory=list)
+
+    @property
+    def unanalysed(self) -> int:
+        return sum(h.count for h in self.hidden)
+
+    def describe(self) -> str:
+        text = f"{self.analysed} of {self.run} activation calls that run are analysed"
+        if self.hidden:
+            text += "; " + "; ".join(h.describe() for h in self.hidden)
+        return text
+
+    def to_dict(self) -> dict:
+        return {"run": self.run, "analysed": self.analysed, "unanalysed": self.unanalysed,
+                "hidden": [asdict(h) for h in self.hidden]}
+
+
+class _Counting(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: ActivationCounter):
+        super().__init__(gm, garbage_collect_values=True)
+        self.counter = counter
+        self.per_node: dict[str, Counter] = {}
+
+    def run_node(self, n: fx.Node):
+        before = Counter(self.counter.kinds)
+        out = super().run_node(n)
+        delta = self.counter.kinds - before
+        if delta:
+            self.per_node[n.name] = delta
+        return out
+
+
+def _reason(gm: fx.GraphModule, node: fx.Node, leaves: dict[str, str],
+            functions: dict) -> tuple[str, str]:
+    """(what, reason) for a node hiding activation calls."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        what = type(mod).__name__
+        if str(node.target) in leaves:
+            return what, leaves[str(node.target)]
+        if type(mod).__module__.startswith("torch.nn"):
+            return what, f"torch.fx keeps torch.nn modules whole ({type(mod).__module__}.{what})"
+        return what, "the module was kept whole when the graph was captured"
+    if node.op == "call_function":
+        what = getattr(node.target, "__name__", str(node.target))
+        try:
+            reason = functions.get(node.target)
+        except TypeError:   # an unhashable target
+            reason = None
+        return what, reason or "a function call egp_fx does not classify as an activation"
+    return str(node.target), "a method call egp_fx does not classify as an activation"
+
+
+def activation_coverage(gm: fx.GraphModule, example, analysed: set[str], *,
+                        leaves: dict[str, str] | None = None,
+                        functions: dict | None = None) -> Coverage:
+    """Run `gm` on `example` (a data.Batch of one sample) and count what `analysed` misses.
+
+    `leaves` maps module paths the tracer kept whole to the reason; `functions` maps wrapped
+    functions to theirs. `gm` is not changed.
+    """
+    counter = ActivationCounter()
+    interp = _Counting(gm, counter)
+    bound = inspect.signature(gm.forward).bind(*example.args, **example.kwargs)
+    bound.apply_defaults()
+    with torch.no_grad(), counter:
+        interp.run(*bound.args, *bound.kwargs.values())
+    hidden = []
+    for node in gm.graph.nodes:
+        kinds = interp.per_node.get(node.name)
+        if not kinds:
+            continue
+        count = sum(kinds.values()) - (1 if node.name in analysed else 0)
+        if count <= 0:
+            continue
+        what, reason = _reason(gm, node, leaves or {}, functions or {})
+        path = module_path(node, gm) if node.op == "call_module" else ""
+        hidden.append(Hidden(node.name, path, what, count, dict(kinds), reason))
+    return Coverage(counter.total, len(analysed), hidden)
