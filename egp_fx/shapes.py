@@ -44,9 +44,10 @@ def flat_args(gm: fx.GraphModule, batch: Batch) -> list:
 
 
 class _ShapeProp(ShapeProp):
-    """ShapeProp that does not compute what cannot change a shape: BatchNorm in eval mode,
-    activations and identity ops return their input (on fake tensors a BatchNorm is a dozen
-    dispatched ops, most of the cost of a propagation through a ConvNet)."""
+    """ShapeProp that does not compute what cannot change a shape: BatchNorm in eval mode and
+    activations return their input (on fake tensors a BatchNorm is a dozen dispatched ops, most
+    of the cost of a propagation through a ConvNet). Identity ops are computed: `contiguous`
+    changes the strides a following `view` needs (timm's SpaceToDepth, MaxViT's partitions)."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
@@ -54,7 +55,7 @@ class _ShapeProp(ShapeProp):
 
         ops = Ops(gm)
         self._same = {n for n in gm.graph.nodes
-                      if ops(n).role in (Role.NORM, Role.ACTIVATION, Role.IDENTITY)
+                      if ops(n).role in (Role.NORM, Role.ACTIVATION)
                       and main_input(n) is not None}
         self._main_input = main_input
 

@@ -106,6 +106,47 @@ def test_a_fully_covered_model_gives_no_warning_and_no_table_row(caplog):
     assert "not analysed" not in egp_fx.report_of(gm).summary()
 
 
+class EveryKind(nn.Module):
+    """One call of every activation kind activations.py knows, each spelled as a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.acts = nn.ModuleList([nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-2.0, 2.0), nn.LeakyReLU(),
+                                   nn.GELU(), nn.SiLU(), nn.Hardsigmoid(), nn.Hardswish()])
+
+    def forward(self, x):
+        z = self.conv(x)
+        return sum(act(z) for act in self.acts)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_every_activation_kind_is_counted_where_it_runs(capture):
+    gm = egp_fx.calibrate(EveryKind().eval(), _data(), progress=False, capture_mode=capture)
+    cov = gm.meta[COVERAGE_META_KEY]
+    assert (cov.run, cov.analysed, cov.hidden) == (8, 8, [])
+
+
+class PermuteThenView(nn.Module):
+    """A view that needs the contiguous() before it (timm's SpaceToDepth, MaxViT's windows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4 * 16 * 16, 2)
+
+    def forward(self, x):
+        z = torch.relu(self.conv(x)).permute(0, 2, 3, 1).contiguous()
+        return self.head(z.view(z.shape[0], -1))
+
+
+def test_shapes_propagate_through_contiguous_before_a_view():
+    gm = egp_fx.calibrate(PermuteThenView().eval(), _data(), progress=False, capture_mode="fx")
+    assert gm.meta[COVERAGE_META_KEY].run == 1
+    assert [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.name == "view"] == \
+        [torch.Size([2, 1024])]
+
+
 def relu_twice(x):      # no leading underscore: fx does not autowrap private names
     return torch.relu(x) + torch.nn.functional.relu(-x)
 

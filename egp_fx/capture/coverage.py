@@ -3,8 +3,8 @@
     activation_coverage(gm, example, analysed) -> Coverage
 
 The captured graph runs once on one sample under an fx Interpreter, with a TorchDispatchMode
-that counts the aten activation ops each node dispatches (relu, hardtanh (relu6 decomposes to
-it), leaky_relu, gelu, silu, hardswish and their in-place forms: the kinds regions.py analyses).
+that counts the aten activation ops each node dispatches: the aten spellings of every kind in
+activations.py (relu6 dispatches as hardtanh), in-place forms included.
 Dispatch level sees every activation whatever spelled it: a module, a function, a tensor method,
 or an aten op of a torch.export graph. A node of `analysed` (the activation calls calibration
 observes) accounts for one call; any other call hides in a node the analysis cannot look into:
@@ -27,13 +27,21 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..layer import module_path
+from ..activations import KINDS
+from ..attrs import module_path
 
 COVERAGE_META_KEY = "egp_coverage"
-COUNTED_OPS = {"relu": "relu", "relu_": "relu", "hardtanh": "hardtanh", "hardtanh_": "hardtanh",
-               "relu6": "relu6", "relu6_": "relu6", "leaky_relu": "leaky_relu",
-               "leaky_relu_": "leaky_relu", "gelu": "gelu", "gelu_": "gelu", "silu": "silu",
-               "silu_": "silu", "hardswish": "hardswish", "hardswish_": "hardswish"}
+
+
+def counted_ops() -> dict[str, str]:
+    """aten op name (in-place forms included) -> activation kind, for every kind of
+    activations.KINDS that names aten overloads (relu6 dispatches as hardtanh)."""
+    out = {}
+    for kind in KINDS.values():
+        for fn in kind.functions:
+            if isinstance(fn, torch._ops.OpOverload):
+                out[fn.overloadpacket.__name__] = kind.name
+    return out
 
 
 class ActivationCounter(TorchDispatchMode):
@@ -42,9 +50,10 @@ class ActivationCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.kinds: Counter = Counter()
+        self.ops = counted_ops()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kind = COUNTED_OPS.get(func.overloadpacket.__name__)
+        kind = self.ops.get(func.overloadpacket.__name__)
         if kind is not None:
             self.kinds[kind] += 1
         return func(*args, **(kwargs or {}))
