@@ -38,7 +38,7 @@ from .measures import measure
 from .latency import WidthTable, timer_for
 from .memory import check_fits
 from .passes import PASSES, default_pipeline, run_pass
-from .passes.base import PassContext, PassOptions, Refusal, Status
+from .passes.base import SHAPES_VALID, PassContext, PassOptions, Refusal, Status
 from .passes.cleanup import unshare
 from .pickling import make_picklable
 from .report import EXAMPLE_META_KEY, ORIGINAL_META_KEY, REPORT_META_KEY, CompressReport, \
@@ -124,6 +124,11 @@ class _Run:
     def __init__(self, ctx, verifier: Verifier, report: CompressReport, progress: bool):
         self.ctx, self.verifier, self.report, self.progress = ctx, verifier, report, progress
 
+    def run_pass(self, name: str, gm: fx.GraphModule, **kw):
+        """run_pass, after which no module judged before counts as verified as it is now."""
+        self.verifier.accepted = None
+        return run_pass(name, gm, self.ctx, **kw)
+
     def group(self, names: tuple[str, ...], gm: fx.GraphModule) -> fx.GraphModule:
         """Run all passes and verify once; if the group fails, redo it pass by pass."""
         snapshot = structural_copy(gm)
@@ -131,7 +136,7 @@ class _Run:
         try:
             for name in tqdm(names, desc="compress", disable=not self.progress, leave=False):
                 t0 = time.perf_counter()
-                done.append((name, run_pass(name, gm, self.ctx), time.perf_counter() - t0))
+                done.append((name, self.run_pass(name, gm), time.perf_counter() - t0))
         except Exception:  # noqa: BLE001  (a failing pass is isolated below, not fatal)
             log.debug("a pass failed in the group; running pass by pass", exc_info=True)
             done = None
@@ -153,7 +158,7 @@ class _Run:
         snapshot = structural_copy(gm)
         first = len(self.report.rewrites)
         try:
-            outcome = run_pass(name, gm, self.ctx)
+            outcome = self.run_pass(name, gm)
         except Exception as err:  # noqa: BLE001  (the pass is skipped, the model kept as it was)
             log.warning("compress: pass %s failed (%s: %s); its changes are rolled back", name,
                         type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -184,7 +189,7 @@ class _Run:
         if not known_bad:
             trial = structural_copy(base)
             keys = {r.key for r in rewrites}
-            outcome = run_pass(name, trial, self.ctx, allow=keys.__contains__)
+            outcome = self.run_pass(name, trial, allow=keys.__contains__)
             applied = outcome.rewrites
             ok, err, _ = self.verifier.judge(trial, applied or rewrites) \
                 if outcome.modified else (True, 0.0, "")
@@ -196,7 +201,7 @@ class _Run:
         if len(rewrites) == 1:
             rw = rewrites[0]
             trial = structural_copy(base)
-            run_pass(name, trial, self.ctx, allow={rw.key}.__contains__)
+            self.run_pass(name, trial, allow={rw.key}.__contains__)
             _, rw.error, why = self.verifier.judge(trial, [rw])
             rw.status = Status.ROLLED_BACK
             self.report.rewrites.append(rw)
@@ -296,13 +301,18 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
                             coverage=coverage)
     gm = structural_copy(original)
     unshare(gm)
+    if calibrated is None and not reduce:   # calibrate propagated shapes on this same example
+        gm.meta[SHAPES_VALID] = True
     timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None
     options = PassOptions(**target_options(target, channel_multiple),
                           allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
                           timings=timings)
     gm = _Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
     report.after = measure(gm, example)
-    report.max_error = output_error(gm, batches, refs, combine)
+    verified = verifier.accepted      # verified on all the calibration data as it is now?
+    whole = combine is None and not holdout and (take is None or take >= sum(b.size for b in batches))
+    report.max_error = verified[1] if whole and verified and verified[0] is gm else \
+        output_error(gm, batches, refs, combine)
     if holdout_loader is not None:
         report.holdout_error = output_error(gm, holdout, holdout_refs, combine, "held-out error")
     del refs, verifier        # the result gets its own copy of the weights last: the peak is

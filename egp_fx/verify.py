@@ -197,6 +197,8 @@ class Verifier:
         self._refs64: list | None = None
         self._float64: bool | None = None      # None: not tried yet
         self.noise = 0.0
+        self._last32: tuple | None = None      # (module, its float32 error) of the last measure
+        self.accepted: tuple | None = None     # the same, for the last module judge() accepted
 
     def _measure(self, run, refs, what: str = "verify") -> ErrorMeter:
         """The error over all batches; a module that raises fails with the exception as reason."""
@@ -234,6 +236,7 @@ class Verifier:
     def error(self, gm, limit: float = 0.0) -> tuple[float, str | None]:
         """(output error of gm, why it is infinite or None); float64 beyond `limit`."""
         meter = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32, "float32 error")
+        self._last32 = None if meter.failed else (gm, meter.error)
         if meter.failed or meter.error <= limit:
             return meter.error, meter.reason
         if not self._float64_ready():
@@ -243,10 +246,14 @@ class Verifier:
             "raises") else (meter64.error, meter64.reason)
 
     def judge(self, gm, rewrites) -> tuple[bool, float, str]:
-        """(accepted, error, the reason a rejected rewrite is rolled back)."""
+        """(accepted, error, the reason a rejected rewrite is rolled back). An accepted module
+        is kept in `accepted` with its float32 error until the caller changes a graph again
+        (compress then reports that error instead of measuring the same thing twice)."""
         limit = self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
         err, reason = self.error(gm, limit)
         bound = max(limit, 10 * self.noise)
+        ok = reason is None and err <= bound
+        self.accepted = self._last32 if ok and self._last32 and self._last32[0] is gm else None
         if reason is not None:
             return False, err, f"output {reason}"
-        return err <= bound, err, f"output error {err:.3g} beyond tolerance {bound:.3g}"
+        return ok, err, f"output error {err:.3g} beyond tolerance {bound:.3g}"

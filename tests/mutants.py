@@ -41,6 +41,11 @@ MUTANTS = (
            "    if not bool(torch.equal(ref_ok, out_ok)):",
            "    if False:",
            ("tests/test_verify.py",)),
+    Mutant("report-error-from-subset", "the report's error is the verification error on a "
+           "subset of the calibration data", "egp_fx/compress.py",
+           "    report.max_error = verified[1] if whole and verified",
+           "    report.max_error = verified[1] if verified",
+           ("tests/test_verify.py",)),
     Mutant("bisect-over-rollback", "a failed group never keeps a passing subset",
            "egp_fx/compress.py",
            "        if not known_bad:\n",

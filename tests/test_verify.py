@@ -161,3 +161,31 @@ def test_nan_producing_pass_is_rolled_back_and_named(monkeypatch):
     assert len(muls) == 2
     with torch.no_grad():
         assert torch.equal(gm(calib[0]), model(calib[0]))
+
+
+@pytest.mark.parametrize("verify_samples,holdout,measured", [
+    (None, False, 0),     # verified on all calibration data: that error is the report's
+    (8, False, 1),        # verified on 8 samples: the report's error is measured on all
+    (None, True, 2),      # held-out data in the verification set: both measured apart
+])
+def test_report_error_covers_all_calibration_data_and_is_measured_once(
+        monkeypatch, verify_samples, holdout, measured):
+    import importlib
+
+    compress_module = importlib.import_module("egp_fx.compress")
+
+    calls = []
+    real = compress_module.output_error
+    monkeypatch.setattr(compress_module, "output_error",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _ThreeStages()
+    calib = _signed_data(2, 1.0, 0)
+    gm = egp_fx.compress(model, calib, verify_samples=verify_samples, channel_multiple=1,
+                         holdout_loader=_signed_data(1, 1.0, 1) if holdout else None,
+                         progress=False)
+    report = egp_fx.report_of(gm)
+    assert report.applied and not report.rolled_back
+    assert len(calls) == measured
+    with torch.no_grad():
+        refs = [[model(x)] for x in calib]
+    assert report.max_error == real(gm, calib, refs)
