@@ -33,6 +33,14 @@ def structural_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose tensors are on the meta device (shapes and dtypes, no data,
+    no bytes): for what only needs shapes, such as counting FLOPs."""
+    memo = {id(t): (nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
+                    if isinstance(t, nn.Parameter) else t.to("meta")) for t in _tensors(module)}
+    return copy.deepcopy(module, memo)
+
+
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes held by the distinct parameters and buffers of `module` (views count once)."""
     seen, total = set(), 0
