@@ -1,8 +1,11 @@
-"""Attributes of a captured graph: reading and binding tensors by dotted path, and the module a
-node belongs to (its path in the user's model, for reports)."""
+"""Attributes of a captured graph: reading and binding tensors by dotted path, who reads them
+(share_index: a layer read twice is not rewritten for one call), and the module a node belongs
+to (its path in the user's model, for reports)."""
 from __future__ import annotations
 
 import operator
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -68,3 +71,22 @@ def add_attr(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node
         node = gm.graph.get_attr(target)
     node.meta["tensor_meta"] = _extract_tensor_metadata(value)
     return node
+
+
+@dataclass
+class ShareIndex:
+    """Who reads what in a graph: module call counts, get_attr reads, modules read by get_attr."""
+
+    calls: Counter
+    reads: Counter
+    read_modules: set
+
+
+def share_index(graph: fx.Graph) -> ShareIndex:
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    reads = Counter(str(n.target) for n in graph.nodes if n.op == "get_attr")
+    prefixes = set()
+    for target in reads:
+        parts = target.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return ShareIndex(calls, reads, prefixes)

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed as ranks
 from .calibrate import calibrate, warn_unanalysed
@@ -37,12 +36,13 @@ from .layer import CAPTURE_META_KEY
 from .measures import measure
 from .latency import WidthTable, timer_for
 from .memory import check_fits
-from .passes import PASSES, default_pipeline, run_pass
-from .passes.base import SHAPES_VALID, PassContext, PassOptions, Refusal, Status
+from .passes import PASSES, default_pipeline
+from .passes.base import SHAPES_VALID, PassContext, PassOptions
 from .passes.cleanup import unshare
 from .pickling import make_picklable
 from .report import EXAMPLE_META_KEY, ORIGINAL_META_KEY, REPORT_META_KEY, CompressReport, \
-    PassSummary, Transient
+    Transient
+from .rollback import Run
 from .targets import TARGETS, target_options
 from .verify import ErrorMeter, Verifier, tensor_leaves
 
@@ -116,110 +116,6 @@ def _heads(outputs: list[list[torch.Tensor]], batches: list[Batch], n: int | Non
         out.append([t[:left] if t.dim() and t.shape[0] == batch.size else t for t in leaves])
         left -= min(left, batch.size)
     return out
-
-
-class _Run:
-    """One compress run: the pass context, the verifier and the report being written."""
-
-    def __init__(self, ctx, verifier: Verifier, report: CompressReport, progress: bool):
-        self.ctx, self.verifier, self.report, self.progress = ctx, verifier, report, progress
-
-    def run_pass(self, name: str, gm: fx.GraphModule, **kw):
-        """run_pass, after which no module judged before counts as verified as it is now."""
-        self.verifier.accepted = None
-        return run_pass(name, gm, self.ctx, **kw)
-
-    def group(self, names: tuple[str, ...], gm: fx.GraphModule) -> fx.GraphModule:
-        """Run all passes and verify once; if the group fails, redo it pass by pass."""
-        snapshot = structural_copy(gm)
-        done = []
-        try:
-            for name in tqdm(names, desc="compress", disable=not self.progress, leave=False):
-                t0 = time.perf_counter()
-                done.append((name, self.run_pass(name, gm), time.perf_counter() - t0))
-        except Exception:  # noqa: BLE001  (a failing pass is isolated below, not fatal)
-            log.debug("a pass failed in the group; running pass by pass", exc_info=True)
-            done = None
-        rewrites = [r for _, outcome, _ in done for r in outcome.rewrites] if done else []
-        ok, err, _ = self.verifier.judge(gm, rewrites) if rewrites else (done is not None, 0.0, "")
-        if ok:
-            for name, outcome, seconds in done:
-                self._record(name, outcome.rewrites, outcome.refusals, 0, err, seconds)
-            return gm
-        log.info("compress: output error %.3g beyond tolerance; verifying pass by pass", err)
-        gm = snapshot
-        for name in names:
-            gm = self.one(name, gm)
-        return gm
-
-    def one(self, name: str, gm: fx.GraphModule) -> fx.GraphModule:
-        """Run one pass and verify it; bisect its rewrites when it fails."""
-        t0 = time.perf_counter()
-        snapshot = structural_copy(gm)
-        first = len(self.report.rewrites)
-        try:
-            outcome = self.run_pass(name, gm)
-        except Exception as err:  # noqa: BLE001  (the pass is skipped, the model kept as it was)
-            log.warning("compress: pass %s failed (%s: %s); its changes are rolled back", name,
-                        type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
-            self.report.refusals.append(Refusal(name, name, [], f"pass failed: "
-                                                f"{type(err).__name__}: {err}"))
-            self.report.passes.append(PassSummary(name, 0, 1, 0, 0.0, time.perf_counter() - t0))
-            return snapshot
-        rolled = 0
-        if outcome.modified:
-            ok, err, _ = self.verifier.judge(gm, outcome.rewrites)
-            if ok:
-                for rw in outcome.rewrites:
-                    rw.error = err
-                self.report.rewrites += outcome.rewrites
-            else:
-                log.info("%s: output error %.3g beyond tolerance; bisecting %d rewrites",
-                         name, err, len(outcome.rewrites))
-                gm, rolled = self.bisect(name, snapshot, outcome.rewrites)
-        self.report.refusals += outcome.refusals
-        errors = [r.error or 0.0 for r in self.report.rewrites[first:] if r.status is Status.APPLIED]
-        self.report.passes.append(PassSummary(name, len(outcome.rewrites), len(outcome.refusals),
-                                              rolled, max(errors, default=0.0),
-                                              time.perf_counter() - t0))
-        return gm
-
-    def bisect(self, name, base, rewrites, known_bad=True) -> tuple[fx.GraphModule, int]:
-        """Apply the largest passing subsets of `rewrites` onto `base`; roll back failing ones."""
-        if not known_bad:
-            trial = structural_copy(base)
-            keys = {r.key for r in rewrites}
-            outcome = self.run_pass(name, trial, allow=keys.__contains__)
-            applied = outcome.rewrites
-            ok, err, _ = self.verifier.judge(trial, applied or rewrites) \
-                if outcome.modified else (True, 0.0, "")
-            if ok:
-                for r in applied:
-                    r.error = err
-                self.report.rewrites += applied
-                return trial, 0
-        if len(rewrites) == 1:
-            rw = rewrites[0]
-            trial = structural_copy(base)
-            self.run_pass(name, trial, allow={rw.key}.__contains__)
-            _, rw.error, why = self.verifier.judge(trial, [rw])
-            rw.status = Status.ROLLED_BACK
-            self.report.rewrites.append(rw)
-            self.report.refusals.append(Refusal(name, rw.key, rw.nodes, f"rolled back: {why}",
-                                                activation=rw.activation, path=rw.path))
-            return base, 1
-        half = len(rewrites) // 2
-        gm, rolled_a = self.bisect(name, base, rewrites[:half], known_bad=False)
-        gm, rolled_b = self.bisect(name, gm, rewrites[half:], known_bad=rolled_a == 0)
-        return gm, rolled_a + rolled_b
-
-    def _record(self, name, rewrites, refusals, rolled, err, seconds) -> None:
-        for rw in rewrites:
-            rw.error = err
-        self.report.rewrites += rewrites
-        self.report.refusals += refusals
-        self.report.passes.append(PassSummary(name, len(rewrites), len(refusals), rolled,
-                                              err if rewrites else 0.0, seconds))
 
 
 def _check_options(passes, cost, latency_fn, target) -> tuple[str, ...]:
@@ -307,7 +203,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     options = PassOptions(**target_options(target, channel_multiple),
                           allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
                           timings=timings)
-    gm = _Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
+    gm = Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
     report.after = measure(gm, example)
     verified = verifier.accepted      # verified on all the calibration data as it is now?
     whole = combine is None and not holdout and (take is None or take >= sum(b.size for b in batches))

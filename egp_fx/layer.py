@@ -15,7 +15,6 @@ norm.py gives the same view of eval-mode BatchNorm; attrs.py the attribute helpe
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .attrs import CAPTURE_META_KEY, add_attr, attr, module_path, set_attr
+from .attrs import CAPTURE_META_KEY, ShareIndex, add_attr, attr, module_path, set_attr, \
+    share_index
 from .ops import Role, arg, classify
 
 aten = torch.ops.aten
@@ -263,25 +263,6 @@ class Layer:
 
     def set_input(self, node: fx.Node) -> None:
         self.node.args = (node, *self.node.args[1:])
-
-
-@dataclass
-class ShareIndex:
-    """Who reads what in a graph: module call counts, get_attr reads, modules read by get_attr."""
-
-    calls: Counter
-    reads: Counter
-    read_modules: set
-
-
-def share_index(graph: fx.Graph) -> ShareIndex:
-    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
-    reads = Counter(str(n.target) for n in graph.nodes if n.op == "get_attr")
-    prefixes = set()
-    for target in reads:
-        parts = target.split(".")
-        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return ShareIndex(calls, reads, prefixes)
 
 
 def _tuple(v, dims: int) -> tuple[int, ...]:
