@@ -3,7 +3,7 @@
 For k in {0, 2, 4} (see _cases.py for the planting): the planted model ("original"), its
 egp_fx.compress output ("compressed", calibrated on random images) and the hand-made oracle
 (dead blocks replaced by nn.Identity) are exported to ONNX and timed interleaved on onnxruntime
-CPU at batch 1 and 8. Target: compressed within 3% of the oracle's median latency.
+CPU at batch 1 and 8. Target: compressed within 2% of the oracle's median latency.
 
     .venv/bin/python benchmarks/bench_oracle.py            # writes results/oracle_cpu.{json,md}
     .venv/bin/python benchmarks/bench_oracle.py --quick    # a smoke run, results not written
@@ -21,7 +21,7 @@ from _common import add_run_args, header, setup_logging, write
 from egp_fx.bench import benchmark
 
 log = logging.getLogger("bench_oracle")
-TARGET = 1.03
+TARGET = 1.02
 
 
 def run_k(k: int, args, compress) -> dict:

@@ -1,7 +1,7 @@
 """Coverage of torchvision and timm: what egp_fx sees, and whether compress is exact, per model.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coverage.py [--timeout 600] [--max-params 1e8]
-        [--only timm|torchvision] [--models NAME ...] [--out coverage] [--resume]
+        [--only timm|torchvision] [--models NAME ...] [--out coverage] [--resume] [--render]
 
 Every torchvision classification model, and one model of every timm family that builds offline
 (timm.list_models() grouped by the module each model comes from: the one with the fewest
@@ -11,7 +11,7 @@ activation call that runs is analysed, compress is exact on the calibration data
 relative error <= 1e-5), the planted dead units shrink the model, and the compressed model
 exports to ONNX with onnxruntime parity. Writes results/<out>.md and results/<out>.json;
 results/<out>.partial.json holds the rows measured so far, and --resume keeps them and measures
-only the models (timm: families) they lack.
+only the models (timm: families) they lack; --render rewrites the markdown from the JSON.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from _common import RESULTS, header, setup_logging, write  # noqa: E402
 from _coverage_case import pick, run_case  # noqa: E402
 
 log = logging.getLogger("coverage")
+TITLE = "Coverage: torchvision and timm, planted dead units, random weights"
 
 
 class Workers:
@@ -121,17 +122,31 @@ def _cells(r: dict) -> list[str]:
             "yes" if r["failure"] is None else "no: " + r["failure"]]
 
 
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " ... (whole message in the JSON)"
+
+
 def markdown(rows: list[dict], head: str) -> str:
-    timm_rows = [r for r in rows if r["source"] == "timm"]
-    tv_rows = [r for r in rows if r["source"] == "torchvision"]
+    measured = [r for r in rows if r["model"] is not None]
+    unbuilt = [r for r in rows if r["model"] is None]
+    timm_rows = [r for r in measured if r["source"] == "timm"]
+    tv_rows = [r for r in measured if r["source"] == "torchvision"]
     ok = lambda rs: sum(r["failure"] is None for r in rs)  # noqa: E731
+    calls = lambda rs: (sum(r.get("seen", 0) for r in rs), sum(r.get("run", 0) for r in rs))  # noqa: E731
     lines = [head, f"**{ok(timm_rows)} of {len(timm_rows)} timm families fully covered; "
              f"{ok(tv_rows)} of {len(tv_rows)} torchvision classification models fully "
-             f"covered.**", ""]
-    failures = [r for r in rows if r["failure"] is not None]
+             f"covered.** Activation calls analysed: {calls(timm_rows)[0]} of the "
+             f"{calls(timm_rows)[1]} that run (timm), {calls(tv_rows)[0]} of {calls(tv_rows)[1]} "
+             f"(torchvision).", ""]
+    if unbuilt:
+        lines += [f"Not measured ({len(unbuilt)} timm families): "
+                  + "; ".join(f"{r['family']} ({r['failure'].removeprefix('no model to build: ')})"
+                              for r in unbuilt) + ".", ""]
+    failures = [r for r in measured if r["failure"] is not None]
     if failures:
         lines += ["Not fully covered:", ""]
-        lines += [f"- {r['source']} {r['family']} / {r['model']}: {r['failure']}" for r in failures]
+        lines += [f"- {r['source']} {r['family']} / {r['model']}: {_short(r['failure'])}"
+                  for r in failures]
         lines.append("")
     lines += [
         "Fully covered: every activation call that runs is analysed (run = seen); compress is "
@@ -159,8 +174,20 @@ def markdown(rows: list[dict], head: str) -> str:
         "| source | family | model | px | capture | activations run / seen | error | noise | "
         "params removed | FLOPs removed | ONNX | seconds | fully covered |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_short(c).replace("|", "\\|") for c in _cells(r)) + " |"
+              for r in measured]
     return "\n".join(lines) + "\n"
+
+
+def _head(payload: dict) -> str:
+    """The header of a stored run (header() describes the run in progress)."""
+    env = payload["environment"]
+    return "\n".join([
+        f"# {TITLE}", "", f"Command: `{payload['command']}`", "",
+        f"Machine: {env['cpu_model']}, {env['logical_cpus']} logical CPUs (load average "
+        f"{env['load_average_1_5_15min'][0]} when the run started); {env['platform']}", "",
+        f"Software: python {env['python']}, torch {env['torch']}, onnxruntime "
+        f"{env['onnxruntime']}, onnx {env['onnx']}; run {env['date']}", ""])
 
 
 def main() -> None:
@@ -173,9 +200,15 @@ def main() -> None:
     ap.add_argument("--out", default="coverage")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of results/<out>.partial.json, measure the rest")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite results/<out>.md from results/<out>.json")
     args = ap.parse_args()
     setup_logging()
-    head, meta = header("Coverage: torchvision and timm, planted dead units, random weights", 1)
+    if args.render:
+        payload = json.loads((RESULTS / f"{args.out}.json").read_text())
+        (RESULTS / f"{args.out}.md").write_text(markdown(payload["rows"], _head(payload)))
+        return
+    head, meta = header(TITLE, 1)
     partial = RESULTS / f"{args.out}.partial.json"
     rows = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     if rows:
