@@ -7,6 +7,13 @@ A row gives the graph nodes, the parameter bytes, calibration seconds, compress 
 (calibration excluded: CompressReport.seconds), the plain forward, their ratio, and the peak of
 resident memory above what the process held with the model built and run once ("extra").
 
+Memory is measured twice, each model in a fresh process. With glibc's defaults ("RSS"), freed
+tensors larger than the mmap threshold raise that threshold, so later tensors come from the heap
+and memory freed there stays resident: the peak then depends on the order of allocations and
+moves by half the weights between identical runs. With MALLOC_MMAP_THRESHOLD_=131072 ("live"),
+every tensor over 128 KiB is its own mapping, returned when freed, and the resident peak follows
+the tensors alive at once; that run's times are not used (page faults slow it).
+
     .venv/bin/python benchmarks/bench_scaling.py                  # the whole table
     .venv/bin/python benchmarks/bench_scaling.py --only resnet50 densenet121
     .venv/bin/python benchmarks/bench_scaling.py --profile densenet121   # where the time goes
@@ -20,6 +27,7 @@ import cProfile
 import io
 import json
 import logging
+import os
 import pstats
 import subprocess
 import sys
@@ -163,9 +171,10 @@ def measure_one(name: str, profile: bool = False) -> dict:
     return row
 
 
-def _run_child(name: str, profile: bool) -> dict:
+def _run_child(name: str, profile: bool, live: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", name] + (["--profile-child"] if profile else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if live else {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         return {"model": name, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -175,20 +184,21 @@ def _run_child(name: str, profile: bool) -> dict:
 def _plot(rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and "live_extra_bytes" in r]
     fig = Figure(figsize=(11, 4), layout="constrained")
     a, b = fig.subplots(1, 2)
     for r in ok:
         a.scatter(r["nodes"], r["compress_s"], color="C0")
         a.annotate(r["model"], (r["nodes"], r["compress_s"]), fontsize=7)
-        b.scatter(r["param_bytes"] / 2**30, r["peak_extra_bytes"] / 2**30, color="C1")
-        b.annotate(r["model"], (r["param_bytes"] / 2**30, r["peak_extra_bytes"] / 2**30), fontsize=7)
+        b.scatter(r["param_bytes"] / 2**30, r["live_extra_bytes"] / 2**30, color="C1")
+        b.annotate(r["model"], (r["param_bytes"] / 2**30, r["live_extra_bytes"] / 2**30), fontsize=7)
     top = max((r["param_bytes"] for r in ok), default=1) / 2**30
     b.plot([0, top], [0, 1.5 * top], "k--", lw=0.8, label="1.5x the weights")
     b.legend(fontsize=8)
     a.set(xlabel="graph nodes", ylabel="compress seconds (calibration excluded)",
           title="time against graph size")
-    b.set(xlabel="weights (GiB)", ylabel="peak extra memory (GiB)", title="memory against weights")
+    b.set(xlabel="weights (GiB)", ylabel="peak extra memory, live tensors (GiB)",
+          title="memory against weights")
     fig.savefig(path, dpi=110)
 
 
@@ -208,20 +218,40 @@ def main() -> None:
     title, meta = header("compress at scale: time and memory against graph size and weights")
     rows = []
     for name in names:
-        rows.append(_run_child(name, name in args.profile))
+        row = _run_child(name, name in args.profile)
+        live = _run_child(name, False, live=True)
+        if "error" not in row and "error" not in live:
+            row.update(live_extra_bytes=live["peak_extra_bytes"],
+                       live_extra_over_params=live["extra_over_params"])
+        rows.append(row)
         log.info("%s", {k: v for k, v in rows[-1].items() if k != "profile"})
     lines = [title, "| model | capture | nodes | weights MB | forward s | calibrate s | compress s "
-             "| compress / forward | peak extra MB | extra / weights | params before -> after |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| compress / forward | peak extra MB, RSS | RSS / weights | peak extra MB, live "
+             "| live / weights | params before -> after |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- |"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * 9)
+        if "error" in r or "live_extra_bytes" not in r:
+            lines.append(f"| {r['model']} | failed: {r.get('error', 'live run failed')} |"
+                         + " |" * 11)
             continue
         lines.append(
             f"| {r['model']} | {r['capture']} | {r['nodes']} | {r['param_bytes'] / 2**20:.0f} | "
             f"{r['forward_s']:.3f} | {r['calibrate_s']:.2f} | {r['compress_s']:.2f} | "
             f"{r['compress_over_forward']:.2f} | {r['peak_extra_bytes'] / 2**20:.0f} | "
-            f"{r['extra_over_params']:.2f} | {r['params_before']:,} -> {r['params_after']:,} |")
+            f"{r['extra_over_params']:.2f} | {r['live_extra_bytes'] / 2**20:.0f} | "
+            f"{r['live_extra_over_params']:.2f} | {r['params_before']:,} -> {r['params_after']:,} |")
+    lines += ["", "## Where the time goes (compress seconds, calibration excluded)", "",
+              "| model | compress s | passes s | verification, measures and copies s | "
+              "slowest passes |", "| --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if "error" in r:
+            continue
+        passes = sum(p["seconds"] for p in r["passes"])
+        slow = sorted(r["passes"], key=lambda p: -p["seconds"])[:3]
+        lines.append(f"| {r['model']} | {r['compress_s']:.2f} | {passes:.2f} | "
+                     f"{r['compress_s'] - passes:.2f} | "
+                     + ", ".join(f"{p['name']} {p['seconds']:.2f}" for p in slow) + " |")
     for r in rows:
         if r.get("profile"):
             lines += ["", f"## Where the time goes: {r['model']} (cProfile, cumulative)", "",

@@ -195,15 +195,19 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     report = CompressReport(before=measure(original, example), after=None, tolerance=tolerance,
                             target=target, capture=original.meta.get("egp_capture"),
                             coverage=coverage)
-    gm = structural_copy(original)
-    unshare(gm)
-    if calibrated is None and not reduce:   # calibrate propagated shapes on this same example
-        gm.meta[SHAPES_VALID] = True
+    shapes_valid = calibrated is None and not reduce    # propagated by calibrate on `example`
+
+    def working_copy() -> fx.GraphModule:
+        gm = structural_copy(original)
+        unshare(gm)
+        gm.meta[SHAPES_VALID] = shapes_valid
+        return gm
+
     timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None
     options = PassOptions(**target_options(target, channel_multiple),
                           allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
                           timings=timings)
-    gm = Run(PassContext(example, options), verifier, report, progress).group(passes, gm)
+    gm = Run(PassContext(example, options), verifier, report, progress).group(passes, working_copy)
     report.after = measure(gm, example)
     verified = verifier.accepted      # verified on all the calibration data as it is now?
     whole = combine is None and not holdout and (take is None or take >= sum(b.size for b in batches))

@@ -41,6 +41,31 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+@contextlib.contextmanager
+def on_meta(module: nn.Module):
+    """`module` itself with every parameter, buffer and tensor attribute on the meta device,
+    put back on exit: meta_copy without copying the module (nor recompiling a GraphModule's
+    code). For graphs egp_fx made: the module changes while the block runs."""
+    saved = []
+    for m in module.modules():
+        stores = [m._parameters, m._buffers,
+                  {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}]
+        for i, store in enumerate(stores):
+            for name, t in store.items():
+                if t is None or t.device.type == "meta":
+                    continue
+                meta = nn.Parameter(t.to("meta"), requires_grad=t.requires_grad) \
+                    if isinstance(t, nn.Parameter) else t.to("meta")
+                target = m.__dict__ if i == 2 else (m._parameters, m._buffers)[i]
+                saved.append((target, name, t))
+                target[name] = meta
+    try:
+        yield module
+    finally:
+        for target, name, t in reversed(saved):
+            target[name] = t
+
+
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes held by the distinct parameters and buffers of `module` (views count once)."""
     seen, total = set(), 0

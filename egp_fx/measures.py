@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .copying import meta_copy
+from .copying import meta_copy, on_meta
 from .data import as_batch
 from .ops import Ops, Role
 from .shapes import real_run_is_cheap
@@ -80,7 +80,11 @@ def count_flops(module: nn.Module, example) -> int:
     batch = as_batch(example).head(1).widen(2)
     with torch.no_grad():
         try:
-            return _flops(meta_copy(module), batch.map(lambda t: t.to("meta")))
+            meta = batch.map(lambda t: t.to("meta"))
+            if isinstance(module, fx.GraphModule):      # a graph of ours: no copy needed
+                with on_meta(module):
+                    return _flops(module, meta)
+            return _flops(meta_copy(module), meta)
         except Exception:  # noqa: BLE001  (counted on data below)
             log.debug("FLOPs not countable on the meta device; counting on data", exc_info=True)
         if real_run_is_cheap(module):

@@ -1,6 +1,6 @@
 """The rewrite loop of compress: passes on a working copy, verification, bisection, roll back.
 
-    Run(ctx, verifier, report, progress).group(passes, gm) -> the rewritten gm
+    Run(ctx, verifier, report, progress).group(passes, working_copy) -> the rewritten graph
 
 All passes run as one group and are verified once; when the group fails, each pass is run and
 verified alone, and a failing pass is bisected: the largest subsets of its rewrites that pass
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch.fx as fx
 from tqdm.auto import tqdm
@@ -37,9 +38,11 @@ class Run:
         self.verifier.accepted = None
         return run_pass(name, gm, self.ctx, **kw)
 
-    def group(self, names: tuple[str, ...], gm: fx.GraphModule) -> fx.GraphModule:
-        """Run all passes and verify once; if the group fails, redo it pass by pass."""
-        snapshot = structural_copy(gm)
+    def group(self, names: tuple[str, ...], start: Callable[[], fx.GraphModule]
+              ) -> fx.GraphModule:
+        """Run all passes on start() and verify once; if the group fails, redo it pass by pass
+        on a second start() (a fresh working copy: no snapshot taken for the common case)."""
+        gm = start()
         done = []
         try:
             for name in tqdm(names, desc="compress", disable=not self.progress, leave=False):
@@ -55,7 +58,7 @@ class Run:
                 self._record(name, outcome.rewrites, outcome.refusals, 0, err, seconds)
             return gm
         log.info("compress: output error %.3g beyond tolerance; verifying pass by pass", err)
-        gm = snapshot
+        gm = start()
         for name in names:
             gm = self.one(name, gm)
         return gm

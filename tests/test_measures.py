@@ -77,3 +77,25 @@ def test_a_model_that_reads_values_is_counted_on_data(caplog):
     with caplog.at_level(logging.DEBUG, logger="egp_fx.measures"):
         assert count_flops(model, x) == 2 * 8 * 32
     assert [r for r in caplog.records if "counting on data" in r.getMessage()]
+
+
+class DataDependent(nn.Module):
+    """torch.nonzero has no meta kernel (its output shape depends on the values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+
+    def forward(self, x):
+        return self.a(x) + torch.nonzero(x > 0).shape[0] * 0.0
+
+
+def test_a_graph_that_fails_on_meta_is_put_back_and_counted_on_data(caplog):
+    gm = torch.fx.symbolic_trace(DataDependent().eval())
+    x = torch.randn(3, 8)
+    ref = gm(x)
+    with caplog.at_level(logging.DEBUG, logger="egp_fx.measures"):
+        assert count_flops(gm, x) == 2 * 8 * 32
+    assert [r for r in caplog.records if "counting on data" in r.getMessage()]
+    assert all(t.device.type == "cpu" for t in [*gm.parameters(), *gm.buffers()])
+    torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
