@@ -35,7 +35,7 @@ from .errors import CompressError
 from .layer import CAPTURE_META_KEY
 from .measures import measure
 from .latency import WidthTable, timer_for
-from .memory import check_fits
+from .memory import check_fits, release_free_memory
 from .passes import PASSES, default_pipeline
 from .passes.base import SHAPES_VALID, PassContext, PassOptions
 from .passes.cleanup import unshare
@@ -178,6 +178,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
     original = calibrated if calibrated is not None else calibrate(
         model, batches, device=device, progress=progress, capture_mode=capture,
         distributed=reduce, on_output=keeper)
+    release_free_memory()             # calibration's activations, freed but still resident
     coverage = warn_unanalysed(original) if calibrated is not None else \
         original.meta.get(COVERAGE_META_KEY)
     dev = device_of(original)
@@ -208,6 +209,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
                           allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
                           timings=timings)
     gm = Run(PassContext(example, options), verifier, report, progress).group(passes, working_copy)
+    release_free_memory()
     report.after = measure(gm, example)
     verified = verifier.accepted      # verified on all the calibration data as it is now?
     whole = combine is None and not holdout and (take is None or take >= sum(b.size for b in batches))

@@ -12,6 +12,7 @@ halfway through.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -81,3 +82,17 @@ def check_fits(model: nn.Module, device: torch.device | str | None, share_weight
             f"({tensor_bytes(model) / GB:.2f} GB of weights), but only {free / GB:.2f} GB are "
             f"free{hint}")
     return need
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    A forward frees its activations, but glibc keeps freed blocks of the heap resident, and after
+    large tensors are freed it serves later ones from that heap as well: the resident peak of
+    compress then depends on the order of allocations (up to half the weights more between
+    identical runs). compress calls this between its phases."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)

@@ -1,0 +1,59 @@
+"""compress refuses, before it starts, a model it has no memory for, with the numbers."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import egp_fx
+from egp_fx.copying import tensor_bytes
+from egp_fx.memory import GB, MARGIN, estimate_extra, release_free_memory
+
+memory = importlib.import_module("egp_fx.memory")
+compress_module = importlib.import_module("egp_fx.compress")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+
+
+def test_estimate_is_one_copy_of_the_weights_or_a_quarter_when_shared():
+    model = _model()
+    weights = tensor_bytes(model)
+    assert weights == (64 * 256 + 256 + 256 * 8 + 8) * 4
+    assert estimate_extra(model, share_weights=False) == weights + MARGIN
+    assert estimate_extra(model, share_weights=True) == int(weights * 0.25) + MARGIN
+
+
+def test_a_model_that_does_not_fit_is_refused_before_calibration(monkeypatch):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    free = estimate_extra(model, False) - 1
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(compress_module, "calibrate", never)
+    with pytest.raises(egp_fx.MemoryBudgetError) as err:
+        egp_fx.compress(model, [torch.randn(4, 64)], progress=False)
+    text = str(err.value)
+    need = estimate_extra(model, False) / GB
+    assert f"needs about {need:.2f} GB" in text and f"only {free / GB:.2f} GB are free" in text
+    assert "share_weights=True" in text
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_the_same_model_fits_with_one_byte_more(monkeypatch):
+    model = _model()
+    monkeypatch.setattr(memory, "available_bytes", lambda device: estimate_extra(model, False))
+    gm = egp_fx.compress(model, [torch.randn(4, 64)], progress=False)
+    assert egp_fx.report_of(gm).max_error <= 1e-5
+
+
+def test_release_free_memory_is_harmless():
+    release_free_memory()
+    release_free_memory()
