@@ -182,22 +182,31 @@ def _run_child(name: str, profile: bool, live: bool = False) -> dict:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Graph work (the passes) against graph nodes, compress against a plain forward, and peak
+    memory (live tensors) against the weights."""
     from matplotlib.figure import Figure
 
     ok = [r for r in rows if "error" not in r and "live_extra_bytes" in r]
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    a, b = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    a, b, c = fig.subplots(1, 3)
     for r in ok:
-        a.scatter(r["nodes"], r["compress_s"], color="C0")
-        a.annotate(r["model"], (r["nodes"], r["compress_s"]), fontsize=7)
-        b.scatter(r["param_bytes"] / 2**30, r["live_extra_bytes"] / 2**30, color="C1")
-        b.annotate(r["model"], (r["param_bytes"] / 2**30, r["live_extra_bytes"] / 2**30), fontsize=7)
-    top = max((r["param_bytes"] for r in ok), default=1) / 2**30
-    b.plot([0, top], [0, 1.5 * top], "k--", lw=0.8, label="1.5x the weights")
+        passes = sum(p["seconds"] for p in r["passes"])
+        gib = r["param_bytes"] / 2**30
+        for ax, x, y in ((a, r["nodes"], passes), (b, r["forward_s"], r["compress_s"]),
+                         (c, gib, r["live_extra_bytes"] / 2**30)):
+            ax.scatter(x, y, color="C0" if r["capture"] == "fx" else "C1")
+            ax.annotate(r["model"], (x, y), fontsize=7)
+    top = max((r["forward_s"] for r in ok), default=1)
+    b.plot([0, top], [0, 5 * top], "k--", lw=0.8, label="5x a forward")
     b.legend(fontsize=8)
-    a.set(xlabel="graph nodes", ylabel="compress seconds (calibration excluded)",
-          title="time against graph size")
-    b.set(xlabel="weights (GiB)", ylabel="peak extra memory, live tensors (GiB)",
+    top = max((r["param_bytes"] for r in ok), default=1) / 2**30
+    c.plot([0, top], [0, 1.5 * top], "k--", lw=0.8, label="1.5x the weights")
+    c.legend(fontsize=8)
+    a.set(xlabel="graph nodes", ylabel="seconds in the passes",
+          title="graph work (blue: torch.fx, orange: torch.export)")
+    b.set(xlabel="plain forward over the calibration data (s)",
+          ylabel="compress seconds (calibration excluded)", title="compress against a forward")
+    c.set(xlabel="weights (GiB)", ylabel="peak extra memory, live tensors (GiB)",
           title="memory against weights")
     fig.savefig(path, dpi=110)
 

@@ -154,7 +154,9 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
     first, counted = across.first_batch(first, device_of(model), model) if reduce \
         else (first, True)
     with ranks.together("calibration", reduce):
-        gm = moved(capture(model, first, mode=capture_mode), device)
+        # the capture is checked against the model on two samples: a graph that computes
+        # something else shows it there, and a check on a whole batch costs two forwards of it
+        gm = moved(capture(model, first.head(2), mode=capture_mode), device)
         accumulators = accumulators_for(gm, first.to(device), gelu_margins, silu_margins)
         if not accumulators:
             log.warning("calibrate: the model has no supported activation calls")
