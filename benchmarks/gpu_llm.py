@@ -39,6 +39,8 @@ import egp_fx
 from _common import header, setup_logging
 
 log = logging.getLogger("gpu_llm")
+MODELS = ("graph-cuda", "model-cuda", "model-cpu16", "model-timed", "oracle-exact", "oracle-64",
+          "oracle-128")
 
 
 def _runner(module, batch: dict, device: str, compiled: bool):
@@ -71,7 +73,7 @@ def _cell(models: dict, batch: dict, device: str, compiled: bool, repeats: int, 
             t0 = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def _widths(module) -> list[str]:
@@ -95,6 +97,8 @@ def main() -> None:
                     help="models also timed under torch.compile (each compile costs tens of s)")
     ap.add_argument("--time-budget", type=float, default=1e9,
                     help="seconds of timing after which no further cell starts")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
+                    help="models to build and time (the original always)")
     ap.add_argument("--quick", action="store_true", help="batch 1, seq 16, 3 repeats")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args()
@@ -105,15 +109,19 @@ def main() -> None:
     model, dead = cases.opt("125m")
     calib = cases.tokens(50272, 2, 4, args.seq, seed=1)
     t0 = time.perf_counter()
+    want = set(args.models)
     models = {"original": model}
-    graph = egp_fx.compress(model, calib, target="cuda", progress=False)
-    models["graph-cuda"] = graph
-    models["model-cuda"] = egp_fx.into_model(graph, model)
-    models["model-cpu16"] = egp_fx.into_model(
-        egp_fx.compress(model, calib, target="ort-cpu", progress=False), model)
-    widths = {"model-cuda": _widths(graph), "model-cpu16": _widths(models["model-cpu16"])}
-    mem = {}
-    if dev.startswith("cuda"):
+    widths, mem = {}, {}
+    if want & {"graph-cuda", "model-cuda"}:
+        graph = egp_fx.compress(model, calib, target="cuda", progress=False)
+        models["graph-cuda"] = graph
+        models["model-cuda"] = egp_fx.into_model(graph, model)
+        widths["model-cuda"] = _widths(graph)
+    if "model-cpu16" in want:
+        models["model-cpu16"] = egp_fx.into_model(
+            egp_fx.compress(model, calib, target="ort-cpu", progress=False), model)
+        widths["model-cpu16"] = _widths(models["model-cpu16"])
+    if dev.startswith("cuda") and "model-timed" in want:
         gpu_model = model.to(dev)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -127,9 +135,10 @@ def main() -> None:
         model = gpu_model.cpu()
     compress_s = time.perf_counter() - t0
     never = cases.observed_dead("opt-125m", model, calib)   # planted + never fired on calib
-    models["oracle-exact"] = cases.opt_oracle(model, never)
-    models["oracle-64"] = cases.opt_oracle(model, never, multiple=64)
-    models["oracle-128"] = cases.opt_oracle(model, never, multiple=128)
+    for name, multiple in (("oracle-exact", None), ("oracle-64", 64), ("oracle-128", 128)):
+        if name in want:
+            models[name] = cases.opt_oracle(model, never, multiple=multiple or 1)
+    models = {n: m for n, m in models.items() if n == "original" or n in want}
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     for name in list(models):
         models[name] = models[name].to(device=dev, dtype=dtype).eval()
@@ -149,10 +158,14 @@ def main() -> None:
             batch = cases.tokens(50272, 1, bs, args.seq, seed=7)[0]
             if compiled:    # each cell compiles afresh for its static shape (no recompile limit)
                 torch._dynamo.reset()
-            med = _cell(timed_models, batch, dev, compiled, args.repeats, args.warmup)
+            times = _cell(timed_models, batch, dev, compiled, args.repeats, args.warmup)
+            med = {name: statistics.median(t) for name, t in times.items()}
             for name, ms in med.items():
+                paired = sorted(a / b for a, b in zip(times["original"], times[name]))
+                q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
                 rows.append({"variant": variant, "batch": bs, "model": name, "median_ms": ms,
-                             "speedup_vs_original": med["original"] / ms})
+                             "speedup_vs_original": med["original"] / ms,
+                             "paired_speedup_quartiles": q})
                 log.info("%s batch %d %s: %.3f ms", variant, bs, name, ms)
             _write(args, models, rows, widths, mem, compress_s, skipped)
     _write(args, models, rows, widths, mem, compress_s, skipped, show=True)
@@ -177,7 +190,14 @@ def _write(args, models, rows, widths, mem, compress_s, skipped, show=False) -> 
                 f"{cell[m]['median_ms']:.3f} ms ({cell[m]['speedup_vs_original']:.3f}x)"
                 if m in cell else "-" for m in models) + f" | {ratio} |")
     lines += ["", "Speed-up in brackets: against the original (the Hugging Face model, same "
-              "variant and batch). '-': not timed under that variant (--compile-models).", ""]
+              "variant and batch). '-': not timed under that variant (--compile-models).", "",
+              "Paired speed-ups (original time / model time in the same round), quartiles "
+              "p25 / p50 / p75:", "",
+              "| variant | batch | model | p25 | p50 | p75 |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['variant']} | {r['batch']} | {r['model']} | "
+              + " | ".join(f"{v:.3f}" for v in r["paired_speedup_quartiles"]) + " |"
+              for r in rows if r["model"] != "original" and "paired_speedup_quartiles" in r]
+    lines.append("")
     if skipped:
         lines += [f"Not run (time budget of {args.time_budget:.0f} s reached): "
                   + ", ".join(skipped) + ".", ""]
