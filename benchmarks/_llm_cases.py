@@ -42,11 +42,14 @@ def _plant(rows_of: nn.Linear, fraction: float, bias: float, g: torch.Generator)
 
 
 def opt(size: str = "125m", seed: int = 0):
-    """(OPTForCausalLM, {layer index: dead units}) ; 125m: 12 layers, d=768, FFN 3072."""
+    """(OPTForCausalLM, {layer index: dead units}) ; 125m: 12 layers, d=768, FFN 3072; 1.3b: 24
+    layers, d=2048, FFN 8192."""
     import transformers
 
     dims = {"125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
-                         num_attention_heads=12)}[size]
+                         num_attention_heads=12),
+            "1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
+                         num_attention_heads=32)}[size]
     torch.manual_seed(seed)
     model = transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=50272, max_position_embeddings=2048, **dims)).eval()

@@ -97,6 +97,7 @@ def main() -> None:
                     help="models also timed under torch.compile (each compile costs tens of s)")
     ap.add_argument("--time-budget", type=float, default=1e9,
                     help="seconds of timing after which no further cell starts")
+    ap.add_argument("--size", default="125m", choices=("125m", "1.3b"), help="OPT architecture")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
                     help="models to build and time (the original always)")
     ap.add_argument("--quick", action="store_true", help="batch 1, seq 16, 3 repeats")
@@ -106,7 +107,7 @@ def main() -> None:
     if args.quick:
         args.batch_sizes, args.seq, args.repeats, args.warmup = [1], 16, 3, 1
     dev = args.device
-    model, dead = cases.opt("125m")
+    model, dead = cases.opt(args.size)
     calib = cases.tokens(50272, 2, 4, args.seq, seed=1)
     t0 = time.perf_counter()
     want = set(args.models)
@@ -173,7 +174,8 @@ def main() -> None:
 
 def _write(args, models, rows, widths, mem, compress_s, skipped, show=False) -> None:
     """The table so far (written after every cell, so a run cut short keeps what it measured)."""
-    title, meta = header("OPT-125m architecture on the GPU: original, compressed, oracles (fp16)")
+    title, meta = header(f"OPT-{args.size} architecture on the GPU: original, compressed, "
+                         "oracles (fp16)")
     lines = [title, f"Dead FFN units planted after the published profile (random init); "
              f"calibration 2 x 4 sequences of {args.seq} tokens; compress {compress_s:.1f} s "
              f"for the compressed variants. Medians of {args.repeats} interleaved calls.", "",
