@@ -27,17 +27,22 @@ def command_line() -> str:
 
 def header(title: str, threads: int | None = None) -> tuple[str, dict]:
     """Markdown header (title, exact command, machine, versions) and the same as a dict."""
-    env = environment(threads)
+    meta = {"command": command_line(), "environment": environment(threads)}
+    return header_of(title, meta), meta
+
+
+def header_of(title: str, meta: dict) -> str:
+    """The markdown header of a run from its recorded command and environment."""
+    env = meta["environment"]
     machine = (f"{env['cpu_model']}, {env['logical_cpus']} logical CPUs (load average "
                f"{env['load_average_1_5_15min'][0]} when the run started)"
                + (f", GPU {env['gpu']} (CUDA {env['cuda']})" if env.get("gpu") else ""))
-    text = "\n".join([
+    return "\n".join([
         f"# {title}", "",
-        f"Command: `{command_line()}`", "",
+        f"Command: `{meta['command']}`", "",
         f"Machine: {machine}; {env['platform']}", "",
         f"Software: python {env['python']}, torch {env['torch']}, onnxruntime "
         f"{env['onnxruntime']}, onnx {env['onnx']}; run {env['date']}", ""])
-    return text, {"command": command_line(), "environment": env}
 
 
 def write(stem: str, payload: dict, markdown: str, folder: Path = RESULTS) -> tuple[Path, Path]:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, header, setup_logging, write  # noqa: E402
+from _common import RESULTS, header, header_of, setup_logging, write  # noqa: E402
 from _coverage_case import pick, run_case  # noqa: E402
 
 log = logging.getLogger("coverage")
@@ -179,17 +179,6 @@ def markdown(rows: list[dict], head: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _head(payload: dict) -> str:
-    """The header of a stored run (header() describes the run in progress)."""
-    env = payload["environment"]
-    return "\n".join([
-        f"# {TITLE}", "", f"Command: `{payload['command']}`", "",
-        f"Machine: {env['cpu_model']}, {env['logical_cpus']} logical CPUs (load average "
-        f"{env['load_average_1_5_15min'][0]} when the run started); {env['platform']}", "",
-        f"Software: python {env['python']}, torch {env['torch']}, onnxruntime "
-        f"{env['onnxruntime']}, onnx {env['onnx']}; run {env['date']}", ""])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--timeout", type=float, default=600.0)
@@ -206,7 +195,7 @@ def main() -> None:
     setup_logging()
     if args.render:
         payload = json.loads((RESULTS / f"{args.out}.json").read_text())
-        (RESULTS / f"{args.out}.md").write_text(markdown(payload["rows"], _head(payload)))
+        (RESULTS / f"{args.out}.md").write_text(markdown(payload["rows"], header_of(TITLE, payload)))
         return
     head, meta = header(TITLE, 1)
     partial = RESULTS / f"{args.out}.partial.json"

@@ -33,12 +33,16 @@ def structural_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    """t's shape and dtype on the meta device; a Parameter stays a Parameter."""
+    return nn.Parameter(t.to("meta"), requires_grad=t.requires_grad) \
+        if isinstance(t, nn.Parameter) else t.to("meta")
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy of `module` whose tensors are on the meta device (shapes and dtypes, no data,
     no bytes): for what only needs shapes, such as counting FLOPs."""
-    memo = {id(t): (nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
-                    if isinstance(t, nn.Parameter) else t.to("meta")) for t in _tensors(module)}
-    return copy.deepcopy(module, memo)
+    return copy.deepcopy(module, {id(t): _on_meta(t) for t in _tensors(module)})
 
 
 @contextlib.contextmanager
@@ -48,22 +52,16 @@ def on_meta(module: nn.Module):
     code). For graphs egp_fx made: the module changes while the block runs."""
     saved = []
     for m in module.modules():
-        stores = [m._parameters, m._buffers,
-                  {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}]
-        for i, store in enumerate(stores):
-            for name, t in store.items():
-                if t is None or t.device.type == "meta":
-                    continue
-                meta = nn.Parameter(t.to("meta"), requires_grad=t.requires_grad) \
-                    if isinstance(t, nn.Parameter) else t.to("meta")
-                target = m.__dict__ if i == 2 else (m._parameters, m._buffers)[i]
-                saved.append((target, name, t))
-                target[name] = meta
+        for store in (m._parameters, m._buffers, m.__dict__):
+            for name, t in list(store.items()):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    saved.append((store, name, t))
+                    store[name] = _on_meta(t)
     try:
         yield module
     finally:
-        for target, name, t in reversed(saved):
-            target[name] = t
+        for store, name, t in reversed(saved):
+            store[name] = t
 
 
 def tensor_bytes(module: nn.Module) -> int:

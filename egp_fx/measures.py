@@ -73,10 +73,11 @@ _CPU_ATTENTION = {op: _attention_flops for op in
 
 def count_flops(module: nn.Module, example) -> int:
     """FLOPs of one sample (`example`: a tensor or batch), counted on two samples and halved
-    (see data.Batch.widen). Counted on a copy on the meta device (shapes only: no arithmetic,
-    ResNet-50 at 224 px in a sixth of a real run); a module that does not run there (an op
-    without a meta kernel, Python that reads a tensor's values) is counted on real tensors when
-    that is cheap, else on fake ones."""
+    (see data.Batch.widen). Counted on the meta device (shapes only, no arithmetic): a
+    GraphModule with its own tensors swapped there for the count (copying.on_meta), another
+    module on a meta copy. A module that does not run there (an op without a meta kernel,
+    Python that reads a tensor's values) is counted on real tensors when that is cheap, else on
+    fake ones."""
     batch = as_batch(example).head(1).widen(2)
     with torch.no_grad():
         try:

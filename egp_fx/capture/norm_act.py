@@ -16,10 +16,10 @@ dropout) and `act` an activation module:
 | LayerNormAct          | F.layer_norm (nn.LayerNorm.forward), when timm's fast norm is off   |
 
 torchvision's FrozenBatchNorm2d (no activation) computes the same map as FrozenBatchNormAct2d.
-`split_norm_act` replaces each by NormAct(norm, drop, act), with `norm` a plain torch module
-holding the *same* tensors (nothing is copied; frozen weights stay buffers), so the graph holds
-a BatchNorm call followed by an activation call, as in a torchvision model, and fold_bn,
-dead_channels and linear_units apply unchanged. The activation keeps its module path
+`split_of` gives for each a NormAct(norm, drop, act), which canonical_modules swaps in before
+capture, with `norm` a plain torch module holding the *same* tensors (nothing is copied; frozen
+weights stay buffers), so the graph holds a BatchNorm call followed by an activation call, as in
+a torchvision model, and fold_bn, dead_channels and linear_units apply unchanged. The activation keeps its module path
 (`bn1.act`); the normalisation is named `bn1.norm`.
 
 Only these exact classes are split (a subclass may compute something else), and only in eval
