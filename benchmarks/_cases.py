@@ -89,11 +89,11 @@ def compressor(stand_in: bool, target: str = "ort-cpu") -> Callable[..., nn.Modu
     default passes minus `without`; or, with stand_in=True (for developing the scripts), a plain
     trace."""
     if stand_in:
-        from egp_fx.tracing import trace
+        from egp_fx.capture import trace
 
         return lambda model, calib, without=(): trace(model)
-    from egp_fx.compress import compress
     from egp_fx.passes import default_pipeline
+    from egp_fx.pipeline.compress import compress
 
     def run(model: nn.Module, calib: list[torch.Tensor], without=()) -> nn.Module:
         passes = tuple(p for p in default_pipeline() if p not in without)

@@ -20,7 +20,7 @@
 - exact: max |compressed(x) - model(x)| / max |model(x)| on the calibration batches, in
   float64 on copies, and float32. Folded weights are stored in float32, so even in float64 the
   compressed model differs from the planted one by the float32 rounding of its rewritten
-  weights, amplified by the depth of the network: the rule is compress's own (egp_fx.verify),
+  weights, amplified by the depth of the network: the rule is compress's own (egp_fx.ir.compare),
   exact when within 1e-5 or within 10x the planted model's own float32 rounding noise (its
   float32 vs float64 outputs);
 - ONNX: egp_fx.export_onnx of the compressed model and its onnxruntime parity (batch of 2), to

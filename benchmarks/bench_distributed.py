@@ -38,14 +38,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-MODELS = {"digits": ((3, 32, 32), "ResNet-18, CIFAR stem, width x0.25 (egp_fx.prune.models)"),
+MODELS = {"digits": ((3, 32, 32), "ResNet-18, CIFAR stem, width x0.25 (egp_fx.pruning.models)"),
           "resnet18": ((3, 224, 224), "torchvision ResNet-18")}
 
 
 def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "digits":
-        from egp_fx.prune.models import resnet18_cifar
+        from egp_fx.pruning.models import resnet18_cifar
         return resnet18_cifar(width_mult=0.25).eval()
     import torchvision
     return torchvision.models.resnet18().eval()

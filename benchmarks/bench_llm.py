@@ -21,11 +21,11 @@ import argparse
 import logging
 import time
 
+import _llm_cases as cases
 import torch
 import torch.fx
-
-import _llm_cases as cases
 from _common import header, setup_logging, write
+
 from egp_fx.bench import benchmark
 
 log = logging.getLogger("bench_llm")

@@ -14,10 +14,10 @@ import argparse
 import logging
 import time
 
-import torch
-
 import _cases
+import torch
 from _common import add_run_args, header, setup_logging, write
+
 from egp_fx.bench import benchmark
 
 log = logging.getLogger("bench_oracle")

@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import RESULTS, header, setup_logging, write
 
 log = logging.getLogger("bench_scaling")
@@ -130,19 +129,19 @@ def _dead_rows(linear: torch.nn.Linear, fraction: float, bias: float) -> None:
 
 def measure_one(name: str, profile: bool = False) -> dict:
     import egp_fx
-    from egp_fx.copying import tensor_bytes
-    from egp_fx.measures import compute_nodes
+    from egp_fx.ir.copying import tensor_bytes
+    from egp_fx.pipeline.measures import compute_nodes
 
     model, batches = build(name)
     with torch.no_grad():
         for b in batches:
-            egp_fx.data.as_batch(b)(model)            # warm up allocator and kernels
+            egp_fx.ir.batches.as_batch(b)(model)            # warm up allocator and kernels
     forward = []
     for _ in range(3):
         t0 = time.perf_counter()
         with torch.no_grad():
             for b in batches:
-                egp_fx.data.as_batch(b)(model)
+                egp_fx.ir.batches.as_batch(b)(model)
         forward.append(time.perf_counter() - t0)
     base, peak = _rss(), _Peak()
     prof = cProfile.Profile() if profile else None
@@ -155,7 +154,7 @@ def measure_one(name: str, profile: bool = False) -> dict:
     total = time.perf_counter() - t0
     extra = peak.stop() - base
     report = egp_fx.report_of(small)
-    row = {"model": name, "nodes": compute_nodes(egp_fx.report.original_of(small)),
+    row = {"model": name, "nodes": compute_nodes(egp_fx.pipeline.report.original_of(small)),
            "param_bytes": tensor_bytes(model), "calibration": MODELS[name][1:],
            "capture": report.capture.mode, "forward_s": sorted(forward)[1],
            "calibrate_s": total - report.seconds, "compress_s": report.seconds,

@@ -15,12 +15,12 @@ import argparse
 import logging
 import time
 
-import torch
-
 import _cases
+import torch
 from _common import add_run_args, header, setup_logging, write
+
 from egp_fx.bench import benchmark
-from egp_fx.tracing import trace
+from egp_fx.capture import trace
 
 log = logging.getLogger("bench_transformer")
 

@@ -17,14 +17,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import _cases
 import onnx
 import torch
-
-import _cases
 from _common import add_run_args, header, setup_logging, write
+
 from egp_fx.bench import benchmark
-from egp_fx.export import export_onnx
-from egp_fx.measures import measure
+from egp_fx.deploy.onnx import export_onnx
+from egp_fx.pipeline.measures import measure
 
 log = logging.getLogger("bench_vs_ort_opt")
 

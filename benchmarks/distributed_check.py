@@ -93,7 +93,7 @@ def main() -> int:
           f"{small['code'] == one['code'] and digest(small['state']) == digest(one['state'])}; "
           f"max error {small['report']['max_error']:.3g}")
 
-    from egp_fx.prune import FinetuneConfig, prune  # noqa: PLC0415
+    from egp_fx.pruning import FinetuneConfig, prune  # noqa: PLC0415
     train, val = prune_cases.digits_loaders(world, me, prune_cases.RANK_BATCH)
     result = prune(prune_cases.tiny_net(me), train, method="imp", iterations=1, val_loader=val,
                    finetune=FinetuneConfig(epochs=1, lr=0.05, device=device),

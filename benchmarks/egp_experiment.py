@@ -44,13 +44,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from egp_fx.compress import compress  # noqa: E402
-from egp_fx.prune import (AugmentedLoader, FinetuneConfig, augment_preset, digits_loaders,  # noqa: E402
-                          evaluate, finetune, prune)
-from egp_fx.prune.datasets import load_digits_data  # noqa: E402
-from egp_fx.prune.models import (DEMO_CHECKPOINT, DEMO_CONFIG, ResNetConfig, build_model,  # noqa: E402
-                                 save_model)
-from egp_fx.prune.runlog import REINIT_NAME, checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
+from egp_fx.pipeline.compress import compress  # noqa: E402
+from egp_fx.pruning import (  # noqa: E402
+    AugmentedLoader,
+    FinetuneConfig,
+    augment_preset,
+    digits_loaders,
+    evaluate,
+    finetune,
+    prune,
+)
+from egp_fx.pruning.datasets import load_digits_data  # noqa: E402
+from egp_fx.pruning.models import (  # noqa: E402
+    DEMO_CHECKPOINT,
+    DEMO_CONFIG,
+    ResNetConfig,
+    build_model,
+    save_model,
+)
+from egp_fx.pruning.runlog import (  # noqa: E402
+    REINIT_NAME,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger("egp_experiment")
 RESULTS = ROOT / "benchmarks" / "results"

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cases  # noqa: E402
 from _common import add_run_args, header, setup_logging  # noqa: E402
+
 from egp_fx.bench import benchmark  # noqa: E402
 
 log = logging.getLogger("gpu_bench")

@@ -32,11 +32,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import _llm_cases as cases
-import egp_fx
+import torch
 from _common import header, setup_logging
+
+import egp_fx
 
 log = logging.getLogger("gpu_llm")
 MODELS = ("graph-cuda", "model-cuda", "model-cpu16", "model-timed", "oracle-exact", "oracle-64",

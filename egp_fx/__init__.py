@@ -1,20 +1,32 @@
 """egp_fx: make trained networks shallower and faster by deleting dead units and folding linear ones."""
-from . import prune  # the EGP package; egp_fx.prune(...) calls egp_fx.prune.egp.prune
-from .bench import BenchResult, BenchRow, benchmark
-from .calibrate import calibrate
-from .capture import CaptureInfo, capture_info
-from .compress import compress
-from .errors import (CalibrationError, CompressError, DistributedError, EGPError, ExportError,
-                     MemoryBudgetError, PruneError, SaveError, TraceError)
-from .export import ExportResult, export_onnx
-from .inspect import Inspection, inspect
-from .into_model import into_model
-from .measures import Totals, measure
-from .report import CompressReport, report_of
-from .saving import Loaded, Saved, load, save
-from .stats import ActivationStats
-from .table import LayerTable, layer_stats
-from .tracing import register_leaf_module, register_wrapped_function, trace
+from egp_fx.bench import BenchResult, BenchRow, benchmark
+from egp_fx.calibrate import ActivationStats, LayerTable, calibrate, layer_stats
+from egp_fx.capture import (
+                     CaptureInfo,
+                     capture_info,
+                     register_leaf_module,
+                     register_wrapped_function,
+                     trace,
+)
+from egp_fx.deploy.into_model import into_model
+from egp_fx.deploy.onnx import ExportResult, export_onnx
+from egp_fx.deploy.saving import Loaded, Saved, load, save
+from egp_fx.errors import (
+                     CalibrationError,
+                     CompressError,
+                     DistributedError,
+                     EGPError,
+                     ExportError,
+                     MemoryBudgetError,
+                     PruneError,
+                     SaveError,
+                     TraceError,
+)
+from egp_fx.inspect import Inspection, inspect
+from egp_fx.pipeline.compress import compress
+from egp_fx.pipeline.measures import Totals, measure
+from egp_fx.pipeline.report import CompressReport, report_of
+from egp_fx.pruning import prune
 
 __all__ = [
     "ActivationStats", "BenchResult", "BenchRow", "CalibrationError", "CaptureInfo",

@@ -1,6 +1,6 @@
-"""`python -m egp_fx ...` is the egp-fx command line (see egp_fx/cli.py)."""
+"""`python -m egp_fx ...` is the egp-fx command line (see egp_fx/cli/app.py)."""
 import sys
 
-from .cli import main
+from egp_fx.cli.app import main
 
 sys.exit(main())

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import egp_fx
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
 from egp_fx.distributed import exchange
-from egp_fx.stats import EGP_META_KEY, ActivationStats
 
 INPUT_SHAPE = (3, 16, 16)
 UNEVEN = ([5, 3, 4], [6])          # batch sizes of rank 0, rank 1

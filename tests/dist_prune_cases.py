@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import torch
+from dist_cases import _attempt
 from torch import nn
 
-from dist_cases import _attempt
 from egp_fx.distributed import exchange
 
 PRUNE_TRAIN, PRUNE_VAL, RANK_BATCH = 256, 120, 16
@@ -46,7 +46,7 @@ def digits_loaders(world: int, rank: int, batch: int, *, train: int = PRUNE_TRAI
     it on every rank) over the first images of the shipped digits."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset  # noqa: PLC0415
 
-    from egp_fx.prune.datasets import load_digits_data  # noqa: PLC0415
+    from egp_fx.pruning.datasets import load_digits_data  # noqa: PLC0415
 
     data = load_digits_data(size=size)
     train_set = Subset(data.train, range(train)) if train else data.train
@@ -68,7 +68,7 @@ def pruned_of(result, names) -> dict:
 
 def prune_cases(rank: int, world: int, folder: str) -> dict:
     """IMP and EGP, 1 round of 1 epoch, on the ranks' shares of 256 digits; then a resume."""
-    from egp_fx.prune import FinetuneConfig, prune  # noqa: PLC0415
+    from egp_fx.pruning import FinetuneConfig, prune  # noqa: PLC0415
 
     train, val = digits_loaders(world, rank, RANK_BATCH)
     config = FinetuneConfig(epochs=1, lr=0.05)
@@ -87,7 +87,7 @@ def prune_cases(rank: int, world: int, folder: str) -> dict:
     out["resumed"] = pruned_of(resumed, ["conv1", "conv2"])
     out["resumed_files"] = sorted(p.name for p in Path(run).iterdir()) \
         if Path(run).exists() else None
-    from egp_fx.prune import finetune  # noqa: PLC0415
+    from egp_fx.pruning import finetune  # noqa: PLC0415
     for name, keep in (("even", None), ("uneven", 3), ("empty", 0)):   # rank 1: 8, 3 or 0 of 8
         model = tiny_net(batchnorm=True)
         history = finetune(model, _First(train, keep if rank == 1 else None), config,
@@ -124,7 +124,7 @@ def dense_digits_model(path: str, epochs: int = 4) -> None:
     to `path` (the start of the EGP round below)."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from egp_fx.prune import FinetuneConfig, finetune, resnet18_cifar  # noqa: PLC0415
+    from egp_fx.pruning import FinetuneConfig, finetune, resnet18_cifar  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = resnet18_cifar(width_mult=0.25)
@@ -140,7 +140,7 @@ def egp_round(start: str, world: int, rank: int, rank_batch: int, lr: float) -> 
     validation digits."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    from egp_fx.prune import FinetuneConfig, prune, resnet18_cifar  # noqa: PLC0415
+    from egp_fx.pruning import FinetuneConfig, prune, resnet18_cifar  # noqa: PLC0415
 
     model = resnet18_cifar(width_mult=0.25)
     model.load_state_dict(load_file(start))

@@ -84,9 +84,10 @@ def _targets(gm, node, ops, depth=0):
     make `node`'s output constant per channel; None when some operand cannot be planted.
     Looks through eval-mode no-ops, reshapes and sums."""
     import torch.fx as fx
-    from egp_fx.layer import layer_of
-    from egp_fx.norm import norm_of
-    from egp_fx.ops import Role, main_input
+
+    from egp_fx.ir.layer import layer_of
+    from egp_fx.ir.norm import norm_of
+    from egp_fx.ir.ops import Role, main_input
 
     if not isinstance(node, fx.Node) or depth > 8:
         return None
@@ -119,8 +120,8 @@ def plant_dead_units(model: nn.Module, example, fraction: int = 4,
     region is not zero, and for a layer without a bias (every kind maps 0 to 0).
     """
     import egp_fx
-    from egp_fx.ops import Ops, main_input
-    from egp_fx.activations import region_spec
+    from egp_fx.ir.activations import region_spec
+    from egp_fx.ir.ops import Ops, main_input
 
     gm = egp_fx.trace(model, example, capture=capture)
     ops = Ops(gm)

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from egp_fx.bench import BenchResult, BenchRow, benchmark
-from egp_fx.measures import count_flops, count_params
+from egp_fx.pipeline.measures import count_flops, count_params
 
 
 def tiny() -> nn.Module:
@@ -120,7 +120,7 @@ def test_plot_writes_a_png(result, tmp_path):
 
 def test_callable_inputs_and_onnx_files(tmp_path):
     onnx_path = tmp_path / "given.onnx"
-    from egp_fx.export import export_onnx
+    from egp_fx.deploy.onnx import export_onnx
 
     export_onnx(tiny(), onnx_path, torch.randn(1, 3, 16, 16))
     calls = []
@@ -355,7 +355,7 @@ def test_dict_token_batches_on_every_backend():
 
 def test_ort_feeds_inputs_by_name():
     from egp_fx.bench.ort_backend import ort_feed
-    from egp_fx.data import Batch
+    from egp_fx.ir.batches import Batch
 
     class Session:
         def __init__(self, names):

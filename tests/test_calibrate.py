@@ -11,11 +11,17 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from plants import (
+    fit_bn_statistics,
+    plant_constant,
+    plant_dead,
+    plant_linear,
+    realistic_bn,
+)
 from torch import nn
 
 import egp_fx
 from egp_fx.errors import CalibrationError, TraceError
-from plants import fit_bn_statistics, plant_constant, plant_dead, plant_linear, realistic_bn
 
 
 def _rows(gm):
@@ -165,7 +171,7 @@ def test_every_activation_call_is_its_own_layer():
 def test_trace_torchvision_models(name, count, kind):
     gm = egp_fx.trace(torchvision.models.get_model(name))
     mods = dict(gm.named_modules())
-    from egp_fx.regions import activation_kind
+    from egp_fx.ir.ops import activation_kind
     kinds = [activation_kind(n, mods) for n in gm.graph.nodes]
     assert sum(k == kind for k in kinds) == count
     assert not gm.training
@@ -202,7 +208,7 @@ def test_untraceable_module_is_named():
     try:
         assert any(n.target == "inner" for n in egp_fx.trace(_Outer()).graph.nodes)
     finally:
-        egp_fx.tracing.LEAF_MODULES.pop(_Branchy)
+        egp_fx.capture.LEAF_MODULES.pop(_Branchy)
 
 
 def test_empty_loader():

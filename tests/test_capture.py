@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
 from torch import nn
 
 import egp_fx
 from egp_fx.errors import CalibrationError, TraceError
-from egp_fx.layer import layer_of
-from egp_fx.ops import Ops, Role
+from egp_fx.ir.layer import layer_of
+from egp_fx.ir.ops import Ops, Role
 
 
 class FxSeesSomethingElse(nn.Module):

@@ -1,5 +1,5 @@
 """egp-fx end to end on the planted network (tests/planted_models.py), in-process through
-egp_fx.cli.main, plus one subprocess run of `python -m egp_fx`. Every bad input must give its
+egp_fx.cli.app.main, plus one subprocess run of `python -m egp_fx`. Every bad input must give its
 message and its documented exit code."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from planted_models import WIDTH, planted_net
 from safetensors.torch import save_file
 
 from egp_fx import cli, errors
-from egp_fx.cli_data import NOISE_WARNING
-from planted_models import WIDTH, planted_net
+from egp_fx.cli.data import NOISE_WARNING
 
 TESTS = Path(__file__).resolve().parent
 FACTORY = "planted_models:planted_net"
@@ -305,7 +305,7 @@ def test_bad_data_files_exit_2(capsys, tmp_path, kind, message):
 
 
 def test_export_failure_exits_5(capsys, tmp_path, monkeypatch):
-    from egp_fx import export
+    from egp_fx.deploy import onnx as export
 
     def refuse(*args, **kwargs):
         raise export.ExportError("operator aten::frobnicate is not supported")
@@ -330,7 +330,7 @@ def test_benchmark_failure_exits_6(capsys, monkeypatch):
 
 
 def test_unexpected_error_exits_1_and_says_it_is_a_bug(capsys, monkeypatch):
-    compress_module = importlib.import_module("egp_fx.compress")   # egp_fx.compress is the function
+    compress_module = importlib.import_module("egp_fx.pipeline.compress")   # egp_fx.compress is the function
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("boom")
@@ -341,7 +341,7 @@ def test_unexpected_error_exits_1_and_says_it_is_a_bug(capsys, monkeypatch):
 
 
 def test_demo_that_is_not_installed_exits_2(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "egp_fx.demo", None)       # import egp_fx.demo fails
+    monkeypatch.setitem(sys.modules, "egp_fx.cli.demo", None)       # import egp_fx.cli.demo fails
     code, out, err = run(capsys, "demo")
     assert code == errors.EXIT_USAGE and "demo is not available" in err
 

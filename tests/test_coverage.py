@@ -10,8 +10,14 @@ import logging
 import pytest
 import torch
 import torchvision
-from timm.layers import (BatchNormAct2d, FrozenBatchNormAct2d, GroupNorm1Act, GroupNormAct,
-                         LayerNormAct)
+from plants import realistic_bn
+from timm.layers import (
+    BatchNormAct2d,
+    FrozenBatchNormAct2d,
+    GroupNorm1Act,
+    GroupNormAct,
+    LayerNormAct,
+)
 from timm.layers.norm_act import convert_sync_batchnorm
 from torch import nn
 
@@ -19,8 +25,6 @@ import egp_fx
 from egp_fx.capture import COVERAGE_META_KEY, LEAF_MODULES
 from egp_fx.capture.fx_trace import WRAPPED_FUNCTIONS
 from egp_fx.capture.norm_act import NormAct, split_of
-from egp_fx.inspect.table import DecisionTable
-from plants import realistic_bn
 
 
 class Hidden(nn.Module):

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import egp_fx
-from egp_fx.ops import Ops, Role
+from egp_fx.ir.ops import Ops, Role
 
 DEAD_BLOCKS = ("layer1.1", "layer2.1", "layer3.1", "layer4.1")
 

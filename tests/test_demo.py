@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from egp_fx import cli
-from egp_fx.demo import main
+from egp_fx.cli import app as cli
+from egp_fx.cli.demo import main
 
 
 def test_demo_quick_through_the_command_line(tmp_path, capsys):
@@ -22,6 +22,6 @@ def test_demo_quick_through_the_command_line(tmp_path, capsys):
 
 
 def test_demo_without_its_checkpoint_says_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("egp_fx.demo.DEMO_CHECKPOINT", tmp_path / "missing.safetensors")
+    monkeypatch.setattr("egp_fx.cli.demo.DEMO_CHECKPOINT", tmp_path / "missing.safetensors")
     assert main(["--out", str(tmp_path)]) == 2
     assert "demo checkpoint" in capsys.readouterr().err

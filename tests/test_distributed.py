@@ -9,11 +9,21 @@ import re
 
 import pytest
 import torch
+from dist_cases import (
+    EMPTY,
+    HANG_TIMEOUT,
+    HOLDOUT,
+    UNEVEN,
+    calibration_then_faults,
+    graph_of,
+    kinds_net,
+    planted,
+    stats_of,
+    union,
+)
+from spawn_ranks import run_ranks
 
 import egp_fx
-from dist_cases import EMPTY, HANG_TIMEOUT, HOLDOUT, UNEVEN, calibration_then_faults, \
-    graph_of, kinds_net, planted, stats_of, union
-from spawn_ranks import run_ranks
 
 COUNTS = ("n", "batches", "on", "low", "high")
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from spawn_ranks import free_port
 
 import egp_fx.distributed as ranks
-from egp_fx import cli, cli_commands, errors
+from egp_fx import cli, errors
+from egp_fx.cli import commands as cli_commands
 from egp_fx.distributed import launch
-from spawn_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPRESS = ["compress", "planted_models:planted_net", "--data", "random", "--input-size",

@@ -7,10 +7,10 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
+from dist_cases import UNEVEN, kinds_net, stats_of, union
 
 import egp_fx
 import egp_fx.distributed as ranks
-from dist_cases import kinds_net, stats_of, union, UNEVEN
 from egp_fx.distributed import comm
 
 
@@ -36,7 +36,7 @@ def test_the_default_follows_the_group(group, monkeypatch):
     calls = []
     real = comm.exchange
     monkeypatch.setattr(comm, "exchange", lambda obj, step: calls.append(step) or real(obj, step))
-    from egp_fx.distributed import calibration
+    from egp_fx.calibrate import ranks as calibration
     monkeypatch.setattr(calibration, "exchange", comm.exchange)
     data = union(UNEVEN)
     reduced = stats_of(egp_fx.calibrate(kinds_net(), data, progress=False))

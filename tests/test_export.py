@@ -9,9 +9,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-import egp_fx.export as export_mod
+import egp_fx.deploy.onnx as export_mod
+from egp_fx.deploy.onnx import ExportError, ExportResult, default_opset, export_onnx
 from egp_fx.errors import EGPError
-from egp_fx.export import ExportError, ExportResult, default_opset, export_onnx
 
 
 def small_convnet() -> nn.Module:

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import egp_fx
-from egp_fx import activations, ops, passes
-from egp_fx.activations import ActivationKind
+from egp_fx import passes
+from egp_fx.ir import activations
+from egp_fx.ir.activations import ActivationKind
+from egp_fx.ir.regions import Affine, RegionSpec
 from egp_fx.passes.base import Candidate, Rewrite
-from egp_fx.regions import Affine, RegionSpec
 
 
 class ShiftedReLU(nn.Module):
@@ -30,8 +31,7 @@ def shifted_relu_kind():
                                         Affine(1.0, -1.0)))
     activations.register(kind)
     yield kind
-    del activations.KINDS["shifted_relu"]
-    ops.refresh_activation_tables()
+    activations.unregister("shifted_relu")
 
 
 def test_a_new_activation_kind_is_one_entry(shifted_relu_kind):
@@ -43,7 +43,7 @@ def test_a_new_activation_kind_is_one_entry(shifted_relu_kind):
         model[0].bias[:16] = 0.5                 # z = 0.5 < 1: OFF for every input
     x = torch.randn(16, 8)
     gm = egp_fx.compress(model, [x], channel_multiple=1, progress=False)
-    (row,) = egp_fx.layer_stats(egp_fx.report.original_of(gm))
+    (row,) = egp_fx.layer_stats(egp_fx.pipeline.report.original_of(gm))
     assert (row.kind, len(row.dead)) == ("shifted_relu", 16)
     assert str(egp_fx.report_of(gm).decisions_by_path()["1"][0]) == "narrowed 32 -> 16"
     with torch.no_grad():

@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import egp_fx
-from egp_fx.data import Batch
-from egp_fx.latency import WidthTable
+from egp_fx.ir.batches import Batch
 from egp_fx.passes import drive, fold_affine, fold_residual, run_pass
 from egp_fx.passes.base import PassContext, PassOptions, Rewrite
 from egp_fx.passes.fold_common import fold_to_fixpoint
+from egp_fx.pipeline.latency import WidthTable
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

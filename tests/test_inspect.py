@@ -16,19 +16,26 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from planted_models import BLOCK_DEAD, STEM_DEAD, WIDTH, planted_net
 
-from egp_fx.calibrate import calibrate
-from egp_fx.compress import compress
+from egp_fx.calibrate.calibration import calibrate
+from egp_fx.capture import trace
 from egp_fx.inspect import inspect
 from egp_fx.inspect.blocks import BlockNamer
 from egp_fx.inspect.graph import load_graph
 from egp_fx.inspect.html import bench_rows
 from egp_fx.inspect.picture import fate
-from egp_fx.measures import measure, nonlinear_depth, weighted_depth
 from egp_fx.passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
-from egp_fx.report import ORIGINAL_META_KEY, REPORT_META_KEY, CompressReport, Transient, original_of, report_of
-from egp_fx.tracing import trace
-from planted_models import BLOCK_DEAD, STEM_DEAD, WIDTH, planted_net
+from egp_fx.pipeline.compress import compress
+from egp_fx.pipeline.measures import measure, nonlinear_depth, weighted_depth
+from egp_fx.pipeline.report import (
+    ORIGINAL_META_KEY,
+    REPORT_META_KEY,
+    CompressReport,
+    Transient,
+    original_of,
+    report_of,
+)
 
 
 def _batches(n=3, size=16, seed=1):

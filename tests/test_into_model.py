@@ -1,4 +1,4 @@
-"""egp_fx.into_model on vision models: where it applies and where it must refuse.
+"""egp_fx.deploy.into_model on vision models: where it applies and where it must refuse.
 (The language-model cases, with generate(), are in test_transformers.py.)"""
 from __future__ import annotations
 

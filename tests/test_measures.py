@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import egp_fx
-from egp_fx.data import as_batch
-from egp_fx.measures import count_flops
+from egp_fx.ir.batches import as_batch
+from egp_fx.pipeline.measures import count_flops
 
 
 def _on_data(module, example) -> int:
@@ -54,7 +54,7 @@ def test_meta_count_equals_the_count_on_data(form, caplog):
         model, example = _tiny_opt()
     module = egp_fx.trace(model, example, capture=form.split()[1])
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    with caplog.at_level(logging.DEBUG, logger="egp_fx.measures"):
+    with caplog.at_level(logging.DEBUG, logger="egp_fx.pipeline.measures"):
         flops = count_flops(module, example)
     assert flops == _on_data(module, example) > 0
     assert not [r for r in caplog.records if "counting on data" in r.getMessage()]
@@ -74,7 +74,7 @@ def test_attention_counts_its_two_matmuls():
 
 def test_a_model_that_reads_values_is_counted_on_data(caplog):
     model, x = ReadsValues().eval(), torch.randn(3, 8)
-    with caplog.at_level(logging.DEBUG, logger="egp_fx.measures"):
+    with caplog.at_level(logging.DEBUG, logger="egp_fx.pipeline.measures"):
         assert count_flops(model, x) == 2 * 8 * 32
     assert [r for r in caplog.records if "counting on data" in r.getMessage()]
 
@@ -94,7 +94,7 @@ def test_a_graph_that_fails_on_meta_is_put_back_and_counted_on_data(caplog):
     gm = torch.fx.symbolic_trace(DataDependent().eval())
     x = torch.randn(3, 8)
     ref = gm(x)
-    with caplog.at_level(logging.DEBUG, logger="egp_fx.measures"):
+    with caplog.at_level(logging.DEBUG, logger="egp_fx.pipeline.measures"):
         assert count_flops(gm, x) == 2 * 8 * 32
     assert [r for r in caplog.records if "counting on data" in r.getMessage()]
     assert all(t.device.type == "cpu" for t in [*gm.parameters(), *gm.buffers()])

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import egp_fx
-from egp_fx.copying import tensor_bytes
-from egp_fx.memory import GB, MARGIN, estimate_extra, release_free_memory
+from egp_fx.ir.copying import tensor_bytes
+from egp_fx.pipeline.memory import GB, MARGIN, estimate_extra, release_free_memory
 
-memory = importlib.import_module("egp_fx.memory")
-compress_module = importlib.import_module("egp_fx.compress")
+memory = importlib.import_module("egp_fx.pipeline.memory")
+compress_module = importlib.import_module("egp_fx.pipeline.compress")
 
 
 def _model():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import egp_fx
-from egp_fx.data import Batch
+from egp_fx.ir.batches import Batch
 from egp_fx.passes import run_pass as drive_pass
 from egp_fx.passes.base import PassContext, PassOptions
 
@@ -259,8 +259,8 @@ def test_cleanup_removes_eval_noops_and_dead_code():
 def test_passes_keep_every_shape_they_change(monkeypatch):
     """Shapes are propagated once per compress; after all passes, the shapes each node carries
     equal a fresh propagation on the final graph."""
-    from egp_fx.report import EXAMPLE_META_KEY
-    from egp_fx.shapes import propagate, shape_of
+    from egp_fx.ir.shapes import propagate, shape_of
+    from egp_fx.pipeline.report import EXAMPLE_META_KEY
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -272,7 +272,7 @@ def test_passes_keep_every_shape_they_change(monkeypatch):
     import importlib
 
     runs = []
-    for module in map(importlib.import_module, ("egp_fx.calibrate", "egp_fx.passes.base")):
+    for module in map(importlib.import_module, ("egp_fx.calibrate.calibration", "egp_fx.passes.base")):
         monkeypatch.setattr(module, "propagate", lambda *a, real=module.propagate:
                             runs.append(1) or real(*a))
     gm = egp_fx.compress(model, [x], progress=False)

@@ -9,11 +9,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from egp_fx.prune import egp as egp_module  # egp_fx.prune (the attribute) is the function
-from egp_fx.prune import (FinetuneConfig, PruneError, allocate, digits_loaders, find_prunable,
-                          global_magnitude_prune, load_digits_data, prune, resnet18_cifar)
-from egp_fx.prune.layers import count_nonzero, masks_from_zeros, prune_smallest
-from egp_fx.tracing import trace
+from egp_fx.capture import trace
+from egp_fx.pruning import (
+    FinetuneConfig,
+    PruneError,
+    allocate,
+    digits_loaders,
+    find_prunable,
+    global_magnitude_prune,
+    load_digits_data,
+    prune,
+    resnet18_cifar,
+)
+from egp_fx.pruning import (
+    egp as egp_module,  # egp_fx.prune (the attribute) is the function
+)
+from egp_fx.pruning.layers import count_nonzero, masks_from_zeros, prune_smallest
 
 # Three layers with H = (1, .5, .5) and mean|w| = (.5, 1, 2): I = (.5, .5, 1), sum I = 2,
 # R = (4, 4, 2), softmax shares s_a = s_b = 1 / (2 + e^-2), s_c = e^-2 / (2 + e^-2).

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egp_fx.prune import PruneError, allocate
-from egp_fx.prune.allocation import relevance_shares
+from egp_fx.pruning import PruneError, allocate
+from egp_fx.pruning.allocation import relevance_shares
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from egp_fx import cli
+from egp_fx.cli import app as cli
 
 DIGITS = pytest.mark.skipif(
     not (Path(__file__).resolve().parents[1] / "egp_fx" / "data" / "digits.npz").is_file(),

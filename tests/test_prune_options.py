@@ -8,21 +8,31 @@ import math
 
 import pytest
 import torch
+from test_prune import TinyResNet, _tiny_run
+from test_prune_allocation import reference_allocation
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from egp_fx.calibrate import calibrate
-from egp_fx.prune import egp as egp_module
-from egp_fx.prune import (Augment, AugmentedLoader, FinetuneConfig, PruneError, augment_batch,
-                          augment_preset, find_prunable, prune, reinitialize, resnet18_cifar)
-from egp_fx.prune.layers import count_nonzero, masks_from_zeros
-from egp_fx.prune.models import ResNetConfig, load_model, save_model
-from egp_fx.prune.record import layer_entropy, make_record
-from egp_fx.stats import EGP_META_KEY
-from egp_fx.table import layer_stats
-from egp_fx.tracing import trace
-from test_prune import TinyResNet, _tiny_run
-from test_prune_allocation import reference_allocation
+from egp_fx.calibrate.calibration import calibrate
+from egp_fx.calibrate.stats import EGP_META_KEY
+from egp_fx.calibrate.table import layer_stats
+from egp_fx.capture import trace
+from egp_fx.pruning import (
+    Augment,
+    AugmentedLoader,
+    FinetuneConfig,
+    PruneError,
+    augment_batch,
+    augment_preset,
+    find_prunable,
+    prune,
+    reinitialize,
+    resnet18_cifar,
+)
+from egp_fx.pruning import egp as egp_module
+from egp_fx.pruning.layers import count_nonzero, masks_from_zeros
+from egp_fx.pruning.models import ResNetConfig, load_model, save_model
+from egp_fx.pruning.record import layer_entropy, make_record
 
 
 class DeadUnitsMLP(nn.Module):
@@ -254,7 +264,7 @@ def _collapsed_tiny() -> TinyResNet:
 def test_prune_reinit_ablation(tmp_path, monkeypatch):
     model = _collapsed_tiny()
     before = copy.deepcopy(model.state_dict())
-    from egp_fx.prune import digits_loaders
+    from egp_fx.pruning import digits_loaders
     train, val = digits_loaders(batch_size=32, train_limit=64, val_limit=32)
     cfg = FinetuneConfig(epochs=1, lr=0.01)
     result = prune(model, train, iterations=1, finetune=cfg, val_loader=val, out_dir=tmp_path,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import egp_fx
 from planted_models import INPUT_SHAPE, planted_net
 from spawn_ranks import free_port
+
+import egp_fx
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
@@ -111,13 +111,13 @@ def test_every_egp_fx_name_the_readme_mentions_exists():
 
 
 def test_prune_takes_the_arguments_the_readme_documents():
-    from egp_fx.prune import FinetuneConfig
+    from egp_fx.pruning import FinetuneConfig
 
     call = re.search(r"`egp_fx\.prune\(([^`]*)\)`", README).group(1)
     keywords = re.findall(r"(\w+)=", call)
     assert keywords[:3] == ["method", "iterations", "finetune"]
     signature = inspect.signature(egp_fx.prune)
     signature.bind(planted_net(), [], **{k: None for k in keywords})
-    assert signature == inspect.signature(egp_fx.prune.egp.prune)
+    assert signature == inspect.signature(egp_fx.pruning.egp.prune)
     with pytest.raises(egp_fx.PruneError, match="method must be one of"):
         egp_fx.prune(planted_net(), [], method="nope", finetune=FinetuneConfig(epochs=1))

@@ -9,14 +9,14 @@ import zipfile
 
 import pytest
 import torch
+from plants import plant_dead
 from torch import nn
 
 import egp_fx
-from egp_fx.copying import tensor_bytes
+from egp_fx.deploy.saving import INFO_FILE, REPORT_FILE, Saved
 from egp_fx.errors import SaveError
-from egp_fx.report import original_of
-from egp_fx.saving import INFO_FILE, REPORT_FILE, Saved
-from plants import plant_dead
+from egp_fx.ir.copying import tensor_bytes
+from egp_fx.pipeline.report import original_of
 
 
 def planted() -> nn.Module:

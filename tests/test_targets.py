@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import egp_fx
-from egp_fx.latency import candidate_widths
+from egp_fx.passes.dead_channels import candidate_widths
 
 
 def mlp(dead: int, width: int = 256) -> nn.Module:
@@ -24,7 +24,7 @@ X = [torch.randn(64, 32, generator=torch.Generator().manual_seed(1))]
 
 def _width(gm) -> int:
     return next(lay.out_channels for n in gm.graph.nodes
-                if (lay := egp_fx.layer.layer_of(gm, n)) is not None and lay.path == "0")
+                if (lay := egp_fx.ir.layer.layer_of(gm, n)) is not None and lay.path == "0")
 
 
 @pytest.mark.parametrize("target, width, multiple",

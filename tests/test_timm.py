@@ -17,12 +17,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from plants import fit_bn_statistics, plant_dead_units, plant_norm_act, realistic_bn
+from timm_models import FAMILIES
 from torch import nn
 
 import egp_fx
 from egp_fx.capture.coverage import ActivationCounter
-from plants import fit_bn_statistics, plant_dead_units, plant_norm_act, realistic_bn
-from timm_models import FAMILIES
 
 
 def _data(n, side, seed=1, batch=4):

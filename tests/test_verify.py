@@ -11,9 +11,9 @@ from torch import nn
 
 import egp_fx
 import egp_fx.passes as passes
+from egp_fx.ir.compare import ErrorMeter, compare
 from egp_fx.passes.base import Candidate, Rewrite
-from egp_fx.compress import output_error
-from egp_fx.verify import ErrorMeter, compare
+from egp_fx.pipeline.compress import output_error
 
 
 class _Scale(nn.Module):
@@ -69,8 +69,8 @@ def test_structure_and_shape_mismatches_are_infinite():
 
 
 def test_report_of_infinite_error_is_valid_json():
-    from egp_fx.measures import Totals
-    from egp_fx.report import CompressReport
+    from egp_fx.pipeline.measures import Totals
+    from egp_fx.pipeline.report import CompressReport
 
     totals = Totals(1, 1, 1, 1, 1)
     report = CompressReport(totals, totals, 1e-5, max_error=math.inf)
@@ -172,7 +172,7 @@ def test_report_error_covers_all_calibration_data_and_is_measured_once(
         monkeypatch, verify_samples, holdout, measured):
     import importlib
 
-    compress_module = importlib.import_module("egp_fx.compress")
+    compress_module = importlib.import_module("egp_fx.pipeline.compress")
 
     calls = []
     real = compress_module.output_error

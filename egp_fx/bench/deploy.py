@@ -41,7 +41,7 @@ def deployable(model: nn.Module, fold_batchnorm: bool = True) -> tuple[nn.Module
     try:
         fused = fuse(module)
     except Exception as plain_err:  # noqa: BLE001  (fx raises many types)
-        from ..capture.fx_trace import fx_capture
+        from egp_fx.capture.fx_trace import fx_capture
 
         try:
             fused = fuse(fx_capture(copy.deepcopy(module)), inplace=True, no_trace=True)

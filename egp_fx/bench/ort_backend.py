@@ -22,9 +22,10 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..data import Batch
-from ..errors import ExportError
-from ..export import export_onnx
+from egp_fx.deploy.onnx import export_onnx
+from egp_fx.errors import ExportError
+from egp_fx.ir.batches import Batch
+
 from .registry import Backend, ModelLike, Prepared, Settings, Skip, register_backend
 
 ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",

@@ -35,7 +35,7 @@ from typing import ClassVar, Union
 
 from torch import nn
 
-from ..data import Batch
+from egp_fx.ir.batches import Batch
 
 ModelLike = Union[nn.Module, str, os.PathLike]
 

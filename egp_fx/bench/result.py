@@ -80,7 +80,9 @@ class BenchResult:
     def plot(self, path: str | os.PathLike) -> Path:
         """PNG: one panel per backend/variant (row) and batch size (column), each with its own
         scale; a bar per model at the median latency, its whisker reaching the p90."""
-        from matplotlib.figure import Figure  # no pyplot: leaves the global backend alone
+        from matplotlib.figure import (
+            Figure,  # no pyplot: leaves the global backend alone
+        )
 
         panels = list(dict.fromkeys((r.backend, r.variant) for r in self.rows))
         batches = sorted({r.batch_size for r in self.rows})

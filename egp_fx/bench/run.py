@@ -3,7 +3,7 @@
 For each selected backend (registry.py) and each of its variants, every model is prepared once
 (prepare()); then, per batch size, each gets a runner, is called once (a model that fails there
 is skipped with the error, the others go on), and the cell is timed round-robin (timing.py).
-Size figures come from egp_fx.measures.measure at batch 1 (params, FlopCounterMode FLOPs,
+Size figures come from egp_fx.pipeline.measures.measure at batch 1 (params, FlopCounterMode FLOPs,
 weighted layers and nonlinear activations on the longest path); models given as .onnx files
 report their initializer count as params and no FLOPs.
 """
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import Batch, as_batch
+from egp_fx.ir.batches import Batch, as_batch
+
 from .environment import environment
 from .registry import BACKENDS, Backend, ModelLike, Settings, Skip, Workspace
 from .result import BenchResult, BenchRow
@@ -155,7 +156,7 @@ def _sizes(model: ModelLike, x: Batch) -> dict:
         params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
         return {"params": params, "flops": None, "weighted_depth": None, "nonlinear_depth": None}
     try:
-        from ..measures import measure
+        from egp_fx.pipeline.measures import measure
 
         return measure(model, x).to_dict()
     except Exception as exc:  # noqa: BLE001  (an untraceable model still gets params/FLOPs)

@@ -23,7 +23,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..data import Batch
+from egp_fx.ir.batches import Batch
+
 from .deploy import deployable
 from .registry import Backend, ModelLike, Prepared, Settings, Skip, register_backend
 

@@ -22,17 +22,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..copying import structural_copy
-from ..data import Batch
-from ..errors import CalibrationError, TraceError
-from ..attrs import CAPTURE_META_KEY
-from ..shapes import failing_node
-from ..verify import ErrorMeter, tensor_leaves
+from egp_fx.errors import CalibrationError, TraceError
+from egp_fx.ir.attrs import CAPTURE_META_KEY
+from egp_fx.ir.batches import Batch, as_batch
+from egp_fx.ir.compare import ErrorMeter, tensor_leaves
+from egp_fx.ir.copying import structural_copy
+from egp_fx.ir.shapes import failing_node
+
 from .canonical import TRANSPOSED_META_KEY, canonical_modules, canonicalise
 from .coverage import COVERAGE_META_KEY, Coverage, Hidden, activation_coverage
 from .export_trace import export_capture, fixed_keywords
-from .fx_trace import LEAF_MODULES, fx_capture, register_leaf_module, register_wrapped_function, \
-    wrapped_functions
+from .fx_trace import (
+    LEAF_MODULES,
+    fx_capture,
+    register_leaf_module,
+    register_wrapped_function,
+    wrapped_functions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ CHECK_TOLERANCE = 1e-5      # relative error allowed between the captured graph 
 
 __all__ = ["CAPTURES", "COVERAGE_META_KEY", "CaptureInfo", "Coverage", "Hidden", "LEAF_MODULES",
            "activation_coverage", "capture", "capture_info", "coverage_of", "register_leaf_module",
-           "register_wrapped_function", "rejected"]
+           "register_wrapped_function", "rejected", "trace"]
 
 
 @dataclass
@@ -191,3 +197,19 @@ def capture(model: nn.Module, example: Batch | None = None, *, mode: str = "auto
     gm.meta[CAPTURE_META_KEY] = info
     log.info("%s: %s", type(model).__name__, info.describe())
     return gm
+
+
+_capture = capture     # trace() takes a keyword named "capture"
+
+
+def trace(model: nn.Module, example=None, *, capture: str = "auto",
+          leaf_modules: dict[type, str] | None = None) -> fx.GraphModule:
+    """Capture a copy of `model` in eval mode as a GraphModule; the model is never touched.
+
+    `example` (a tensor, tuple or dict batch, as a calibration loader yields) lets the capture
+    be checked against the model, and is required for torch.export. `capture` is "auto"
+    (torch.fx, then torch.export), "fx" or "export". `leaf_modules` adds {type: reason} entries
+    for this call on top of the registry.
+    """
+    batch = as_batch(example) if example is not None else None
+    return _capture(model, batch, mode=capture, leaf_modules=leaf_modules)

@@ -37,10 +37,10 @@ import operator
 
 import torch
 import torch.fx as fx
-
 from torch import nn
 
-from ..attrs import attr, set_attr
+from egp_fx.ir.attrs import attr, set_attr
+
 from .norm_act import split_of
 
 aten = torch.ops.aten

@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..activations import KINDS
-from ..attrs import module_path
+from egp_fx.ir.activations import KINDS
+from egp_fx.ir.attrs import module_path
 
 COVERAGE_META_KEY = "egp_coverage"
 

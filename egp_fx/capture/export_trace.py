@@ -23,8 +23,8 @@ import torch.fx as fx
 from torch import nn
 from torch.export import Dim
 
-from ..data import Batch
-from ..errors import TraceError
+from egp_fx.errors import TraceError
+from egp_fx.ir.batches import Batch
 
 log = logging.getLogger(__name__)
 WRAPPER_PREFIX = "model."

@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import TraceError
+from egp_fx.errors import TraceError
+from egp_fx.ir.activations import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def wrapped_functions() -> dict[Callable, str]:
 
 def _timm_functions() -> dict[Callable, str]:
     try:
-        from timm.layers import _fx as timm_fx  # noqa: PLC0415
         import timm.models  # noqa: F401,PLC0415  (registers the models' own entries)
+        from timm.layers import _fx as timm_fx  # noqa: PLC0415
     except ImportError:  # timm is a dependency, but tracing plain torch models must not need it
         return {}
     reason = "timm registers it as untraceable (flow control on tensor values)"
@@ -62,7 +63,6 @@ def _timm_functions() -> dict[Callable, str]:
 
 
 def _activation_modules() -> tuple[type, ...]:
-    from ..activations import KINDS  # noqa: PLC0415
 
     return tuple(cls for k in KINDS.values() for cls in k.modules)
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from ..errors import DistributedError
+from egp_fx.errors import DistributedError
+
 from .faults import describe, diagnose, mark, report_failure, steps
-from .group import dist_module, backend_device, is_writer, rank, timeout, world_size
+from .group import backend_device, dist_module, is_writer, rank, timeout, world_size
 
 
 def _run(step: str, number: int, issue: Callable[[], Any]) -> None:

@@ -23,7 +23,8 @@ import logging
 import time
 from collections.abc import Iterator
 
-from ..errors import DistributedError
+from egp_fx.errors import DistributedError
+
 from .group import rank, world_size
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import datetime
 
 import torch
 
-from ..errors import DistributedError
+from egp_fx.errors import DistributedError
 
 
 def dist_module():

@@ -1,10 +1,10 @@
 """egp-fx under torchrun: the process group from the environment, and each rank's share of data.
 
 torchrun starts N copies of the command and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT in their environments. The command line then (egp_fx/cli.py)
+MASTER_PORT in their environments. The command line then (egp_fx/cli/app.py)
 - sets up the default process group (setup): NCCL when the command runs on CUDA (--device cuda;
   each rank on cuda:LOCAL_RANK), gloo otherwise, with COLLECTIVE_TIMEOUT;
-- gives each rank its share of the data (egp_fx/cli_data.py):
+- gives each rank its share of the data (egp_fx/cli/data.py):
       calibration (compress, inspect, export, bench): whole batches, dealt in turn: batch i of
           the single-process command goes to rank i mod N (shard_batches), so the statistics,
           and the compressed model, are those of the single-process command;

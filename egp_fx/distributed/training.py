@@ -28,7 +28,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..errors import DistributedError
+from egp_fx.errors import DistributedError
+
 from .comm import all_reduce, broadcast_tensors, exchange
 from .faults import guarded
 from .group import backend_device, rank

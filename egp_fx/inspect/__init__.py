@@ -27,8 +27,14 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..data import Batch, as_batch
-from ..report import EXAMPLE_META_KEY, CompressReport, original_of, report_of
+from egp_fx.ir.batches import Batch, as_batch
+from egp_fx.pipeline.report import (
+    EXAMPLE_META_KEY,
+    CompressReport,
+    original_of,
+    report_of,
+)
+
 from .blocks import BlockNamer
 from .costs import node_costs
 from .diff import BlockDiff, GraphDiff, NodeChange
@@ -116,7 +122,7 @@ class Inspection:
 
 def _not_writer(path) -> bool:
     """True on a rank other than 0 of an initialised process group: it writes no file."""
-    from ..distributed import is_writer, rank
+    from egp_fx.distributed import is_writer, rank
     if is_writer():
         return False
     log.debug("rank %d: %s is written by rank 0", rank(), path)

@@ -25,9 +25,9 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from ..attrs import CAPTURE_META_KEY
-from ..measures import WEIGHTED
-from ..ops import Ops
+from egp_fx.ir.attrs import CAPTURE_META_KEY
+from egp_fx.ir.ops import Ops
+from egp_fx.pipeline.measures import WEIGHTED
 
 INPUT_BLOCK = "(input)"
 OUTPUT_BLOCK = "(output)"

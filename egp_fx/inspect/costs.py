@@ -1,6 +1,6 @@
 """Per-node cost of a GraphModule: output shape, FLOPs and parameters.
 
-FLOPs are counted the way egp_fx.measures counts the whole model (torch.utils.flop_counter, one
+FLOPs are counted the way egp_fx.pipeline.measures counts the whole model (torch.utils.flop_counter, one
 sample, a multiply-add = 2 FLOPs), but node by node: an fx.Interpreter runs each node under its
 own FlopCounterMode. The per-node figures therefore add up to measures.count_flops.
 
@@ -16,10 +16,10 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..copying import device_of
-from ..data import as_batch
-from ..measures import RUNNING_STATS as _RUNNING_STATS
-from ..shapes import flat_args
+from egp_fx.ir.batches import as_batch
+from egp_fx.ir.copying import device_of
+from egp_fx.ir.shapes import flat_args
+from egp_fx.pipeline.measures import RUNNING_STATS as _RUNNING_STATS
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx as fx
 
-from ..measures import NONLINEAR, WEIGHTED
-from ..ops import Ops
-from ..passes.base import DecisionKind, Rewrite
-from ..report import CompressReport
+from egp_fx.ir.ops import Ops
+from egp_fx.passes.base import DecisionKind, Rewrite
+from egp_fx.pipeline.measures import NONLINEAR, WEIGHTED
+from egp_fx.pipeline.report import CompressReport
+
 from ._markup import html_table, percent_change, text_table
 from .costs import NodeCost
 

@@ -10,7 +10,7 @@ graph saves as GraphML as well as node-link JSON:
     decision, category (see table.py), status (kept/removed/folded/added/modified), change
     (what the diff says happened to it: "weight [8, 8, 3, 3] -> [7, 8, 3, 3]", "folded into x")
 
-Depths are longest-path counts over the DAG, as egp_fx.measures defines them: conv/linear
+Depths are longest-path counts over the DAG, as egp_fx.pipeline.measures defines them: conv/linear
 layers on the longest path (`weighted` nodes) and nonlinear calls on it (`nonlinear` nodes).
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 import networkx as nx
 import torch.fx as fx
 
-from ..attrs import module_path
-from ..measures import NONLINEAR, WEIGHTED
-from ..measures import longest_path as measures_longest_path
-from ..ops import Ops, Role
-from ..stats import EGP_META_KEY, ActivationStats
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
+from egp_fx.ir.attrs import module_path
+from egp_fx.ir.ops import Ops, Role
+from egp_fx.pipeline.measures import NONLINEAR, WEIGHTED
+from egp_fx.pipeline.measures import longest_path as measures_longest_path
+
 from .costs import NodeCost
 from .table import DecisionRow
 

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch.fx as fx
 
-from ..attrs import module_path
-from ..capture.coverage import COVERAGE_META_KEY, Hidden
-from ..passes.base import Decision, DecisionKind
-from ..report import CompressReport
-from ..stats import EGP_META_KEY, ActivationStats
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
+from egp_fx.capture.coverage import COVERAGE_META_KEY, Hidden
+from egp_fx.ir.attrs import module_path
+from egp_fx.passes.base import Decision, DecisionKind
+from egp_fx.pipeline.report import CompressReport
+
 from ._markup import html_table, text_table
 
 CATEGORIES = tuple(k.value for k in DecisionKind)

@@ -21,10 +21,9 @@ from typing import NamedTuple
 
 import torch.fx as fx
 
-from ..data import Batch
-from ..ops import Ops
-from ..shapes import propagate
-
+from egp_fx.ir.batches import Batch
+from egp_fx.ir.ops import Ops
+from egp_fx.ir.shapes import propagate
 
 SHAPES_VALID = "egp_shapes_valid"
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..layer import Layer, layer_of
-from ..ops import Role, main_input
-from ..shapes import shape_of
+from egp_fx.ir.layer import Layer, layer_of
+from egp_fx.ir.ops import Role, main_input
+from egp_fx.ir.shapes import shape_of
 
 
 @dataclass

@@ -10,8 +10,9 @@ import functools
 
 import torch.fx as fx
 
-from ..attrs import module_path
-from ..ops import Role, main_input
+from egp_fx.ir.attrs import module_path
+from egp_fx.ir.ops import Role, main_input
+
 from . import register
 from .base import Candidate, PassContext, PassRun, Rewrite
 

@@ -14,11 +14,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..activations import region_spec
-from ..attrs import attr
-from ..layer import layer_of
-from ..norm import norm_of
-from ..ops import Role
+from egp_fx.ir.activations import region_spec
+from egp_fx.ir.attrs import attr
+from egp_fx.ir.layer import layer_of
+from egp_fx.ir.norm import norm_of
+from egp_fx.ir.ops import Role
+
 from .util import ROUNDING, bias_rounding
 
 

@@ -37,14 +37,23 @@ import functools
 import torch
 import torch.fx as fx
 
-from .. import activations
-from ..attrs import attr, module_path, set_attr
-from ..layer import layer_of
-from ..ops import ARITHMETIC, Role, main_input
-from ..shapes import dtype_of, shape_of
-from ..stats import EGP_META_KEY, ActivationStats
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
+from egp_fx.ir.activations import KINDS
+from egp_fx.ir.attrs import attr, module_path, set_attr
+from egp_fx.ir.layer import layer_of
+from egp_fx.ir.ops import ARITHMETIC, Role, main_input
+from egp_fx.ir.shapes import dtype_of, shape_of
+
 from . import register
-from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .base import (
+    Candidate,
+    Decision,
+    DecisionKind,
+    PassContext,
+    PassRun,
+    Refusal,
+    Rewrite,
+)
 from .constant_values import Const, compact, evaluate, full
 from .util import arithmetic, bias_rounding, constant, layer_params
 
@@ -131,7 +140,7 @@ def _nonnegative(gm, node, memo, ctx) -> bool:
     memo[node] = False
     op = ctx.ops(node)
     if op.role is Role.ACTIVATION:
-        ok = op.kind in activations.NONNEGATIVE_KINDS
+        ok = KINDS[op.kind].nonnegative
     elif node.op == "get_attr":
         ok = bool((attr(gm, node.target) >= 0).all())
     elif op.role in (Role.ADD, Role.CAT):

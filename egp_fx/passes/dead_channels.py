@@ -27,21 +27,42 @@ import functools
 import torch
 import torch.fx as fx
 
-from ..attrs import module_path
-from ..channels import keeps_last_dim
-from ..layer import Layer, layer_of
-from ..ops import arg, main_input
-from ..shapes import set_dim, shape_of
-from ..stats import EGP_META_KEY, ActivationStats, select_channels
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats, select_channels
+from egp_fx.ir.attrs import module_path
+from egp_fx.ir.channels import keeps_last_dim
+from egp_fx.ir.layer import Layer, layer_of
+from egp_fx.ir.ops import arg, main_input
+from egp_fx.ir.shapes import set_dim, shape_of
+
 from . import register
-from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .base import (
+    Candidate,
+    Decision,
+    DecisionKind,
+    PassContext,
+    PassRun,
+    Refusal,
+    Rewrite,
+)
 from .channel_walk import Read, Walk
 from .channel_walk import walk as walk_channels
 from .fold_common import single_tensor_input
-from ..latency import candidate_widths
 from .util import layer_flops
 
 NAME = "dead_channels"
+
+
+CANDIDATE_MULTIPLES = (8, 16, 32, 64, 128)
+
+
+def candidate_widths(n: int, live: int) -> list[int]:
+    """The widths to try: the live count rounded up to each multiple, and n itself."""
+    out = {n}
+    for k in CANDIDATE_MULTIPLES:
+        w = -(-live // k) * k
+        if w < n:
+            out.add(w)
+    return sorted(out)
 
 
 def _unpadded(layer: Layer) -> bool:
@@ -121,7 +142,7 @@ def _keep_width(remove: dict[int, float], n: int, width: int) -> dict[int, float
 
 
 def _timed_width(ctx, prod: Layer, walk: Walk, n: int, m0: int) -> tuple[int, dict] | None:
-    """The fastest width on the target among the candidates (latency.candidate_widths), with
+    """The fastest width on the target among the candidates (candidate_widths), with
     the timings; None when the layers around the activation are not simple enough to time."""
     reads = walk.reads
     if walk.gates or walk.reshapes or len(reads) != 1 or not reads[0].direct \

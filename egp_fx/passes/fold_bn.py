@@ -20,9 +20,10 @@ import torch
 import torch.fx as fx
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ..layer import Layer, layer_of
-from ..norm import Norm, norm_of
-from ..shapes import shape_of
+from egp_fx.ir.layer import Layer, layer_of
+from egp_fx.ir.norm import Norm, norm_of
+from egp_fx.ir.shapes import shape_of
+
 from . import register
 from .base import Candidate, PassContext, PassRun, Refusal, Rewrite
 from .util import ROUNDING, record_bias_rounding

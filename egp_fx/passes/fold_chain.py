@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer import Layer, _meta_conv
-from ..shapes import shape_of
+from egp_fx.ir.layer import Layer, _meta_conv
+from egp_fx.ir.shapes import shape_of
+
 from .base import Candidate, Decision, DecisionKind, Refusal, Rewrite
 from .fold_common import Sweep, fold_rule, is_pointwise, padding_of
 from .util import layer_flops, layer_params

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..channels import keeps_last_dim
-from ..layer import Layer, layer_of, share_index
-from ..ops import Role, main_input
-from ..shapes import shape_of
+from egp_fx.ir.channels import keeps_last_dim
+from egp_fx.ir.layer import Layer, layer_of, share_index
+from egp_fx.ir.ops import Role, main_input
+from egp_fx.ir.shapes import shape_of
+
 from .base import PassContext, PassRun, Refusal
 
 

@@ -17,9 +17,10 @@ import functools
 import torch
 import torch.fx as fx
 
-from ..layer import Layer
-from ..ops import Role
-from ..shapes import dtype_of, shape_of
+from egp_fx.ir.layer import Layer
+from egp_fx.ir.ops import Role
+from egp_fx.ir.shapes import dtype_of, shape_of
+
 from .base import Candidate, Decision, DecisionKind, Refusal, Rewrite
 from .fold_common import Sweep, fold_rule, padding_of
 

@@ -16,13 +16,22 @@ import functools
 import torch
 import torch.fx as fx
 
-from ..attrs import module_path
-from ..layer import layer_of
-from ..ops import main_input
-from ..shapes import dtype_of, shape_of
-from ..stats import EGP_META_KEY, ActivationStats
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
+from egp_fx.ir.attrs import module_path
+from egp_fx.ir.layer import layer_of
+from egp_fx.ir.ops import main_input
+from egp_fx.ir.shapes import dtype_of, shape_of
+
 from . import register
-from .base import Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite
+from .base import (
+    Candidate,
+    Decision,
+    DecisionKind,
+    PassContext,
+    PassRun,
+    Refusal,
+    Rewrite,
+)
 from .util import arithmetic, constant
 
 NAME = "linear_units"

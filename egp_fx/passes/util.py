@@ -7,8 +7,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..attrs import CAPTURE_META_KEY, add_attr
-from ..layer import Layer
+from egp_fx.ir.attrs import CAPTURE_META_KEY, add_attr
+from egp_fx.ir.layer import Layer
 
 ROUNDING_META_KEY = "egp_bias_rounding"
 ROUNDING = 2.0 ** -24        # unit roundoff of float32

@@ -1,0 +1,9 @@
+"""compress: the passes run in order on a working copy, verified, rolled back where they fail.
+
+compress     capture -> calibrate -> DEFAULT_PIPELINE -> verify -> report
+rollback     the rewrite loop: group, pass by pass, bisection
+verify       the Verifier (float64 re-check) over the error measure of ir.compare
+report       what was measured and changed; measures: params, FLOPs, depth
+memory       will compress fit; targets, latency: the hardware and its measured cost
+ranks        the same decisions on every rank of a process group
+"""
