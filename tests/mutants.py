@@ -67,7 +67,7 @@ MUTANTS = (
            "                    before += shape_of(t)[axis] - 1",
            ("tests/test_compress_property.py",)),
     Mutant("bench-not-interleaved", "the benchmark times each model in turn, not round-robin",
-           "egp_fx/bench/timing.py",
+           "egp_fx/runtime/timing.py",
            "    for _ in range(repeats):\n        for name, run in runners.items():\n",
            "    for name, run in runners.items():\n        for _ in range(repeats):\n",
            ("tests/test_bench.py",)),

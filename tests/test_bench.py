@@ -354,8 +354,8 @@ def test_dict_token_batches_on_every_backend():
 
 
 def test_ort_feeds_inputs_by_name():
-    from egp_fx.bench.ort_backend import ort_feed
     from egp_fx.ir.batches import Batch
+    from egp_fx.runtime.ort import ort_feed
 
     class Session:
         def __init__(self, names):

@@ -4,19 +4,22 @@
   (parity-checked; a model that does not export is skipped with the exporter's reason); a model
   given as an .onnx path is used as it is. Inputs are fed by name: dict batches by their keys
   (export_onnx names the ONNX inputs after them), positional inputs in order.
-- ort-cpu: CPUExecutionProvider, intra-op threads `threads` (None: onnxruntime's default, one
-  per physical core), sequential execution, graph optimisation level `ort_optimization`
-  (default "all" = ORT_ENABLE_ALL, which folds BatchNorm into convolutions). With several models
-  interleaved their thread pools would spin against each other, so
-  "session.intra_op.allow_spinning" is "0" unless `spinning` says otherwise; the setting is
-  recorded. `save_ort_optimized=True` keeps ORT's optimised graph next to each export.
-- ort-cuda: CUDAExecutionProvider with numpy inputs (host<->device copies are part of the time);
-  skipped, with the reason recorded, when the provider is not installed.
+- The session is egp_fx.runtime.ort's (the one compress's latency cost times layers with), with
+  intra-op threads `threads` (None: onnxruntime's default, one per physical core), sequential
+  execution and graph optimisation level `ort_optimization` (default "all" = ORT_ENABLE_ALL,
+  which folds BatchNorm into convolutions). With several models interleaved their thread pools
+  would spin against each other, so "session.intra_op.allow_spinning" is "0" unless `spinning`
+  says otherwise; the setting is recorded. `save_ort_optimized=True` keeps ORT's optimised graph
+  next to each export.
+- ort-cpu: CPUExecutionProvider. ort-cuda: CUDAExecutionProvider with numpy inputs
+  (host<->device copies are part of the time); skipped, with the reason recorded, when the
+  provider is not installed.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,20 +28,31 @@ from torch import nn
 from egp_fx.deploy.onnx import export_onnx
 from egp_fx.errors import ExportError
 from egp_fx.ir.batches import Batch
+from egp_fx.runtime.ort import ORT_LEVELS, ort_runner, ort_session
 
-from .registry import Backend, ModelLike, Prepared, Settings, Skip, register_backend
+from .registry import Backend, ModelLike, Prepared, Skip, register_backend
 
-ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """The options of the ONNX Runtime backends (see the module docstring)."""
+    ort_optimization: str = "all"
+    save_ort_optimized: bool = False
+    spinning: bool | None = None        # None: spin only when one model is timed
+
+    def __post_init__(self):
+        if self.ort_optimization not in ORT_LEVELS:
+            raise ValueError(f"ort_optimization must be one of {tuple(ORT_LEVELS)}")
 
 
 class _Ort(Backend):
     provider: ClassVar[str] = ""
+    Settings = OrtSettings
 
-    @classmethod
-    def check(cls, settings: Settings) -> None:
-        if settings.ort_optimization not in ORT_LEVELS:
-            raise ValueError(f"ort_optimization must be one of {tuple(ORT_LEVELS)}")
+    @property
+    def spin(self) -> bool:
+        spinning = self.settings.spinning
+        return spinning if spinning is not None else len(self.ws.models) == 1
 
     def available(self) -> str | None:
         import onnxruntime as ort
@@ -48,25 +62,19 @@ class _Ort(Backend):
         return None
 
     def variants(self):
-        return (f"opt-{self.ws.settings.ort_optimization}",)
+        return (f"opt-{self.settings.ort_optimization}",)
 
     def prepare(self, name: str, model: ModelLike, variant: str) -> Prepared:
-        import onnxruntime as ort
-
         path, origin = self._onnx_file(name, model)
-        s = self.ws.settings
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                                   ORT_LEVELS[s.ort_optimization])
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = s.threads or 0
-        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(s.spin)))
-        if s.save_ort_optimized:
-            optimized = path.with_name(f"{path.stem}.ort-{s.ort_optimization}.onnx")
-            options.optimized_model_filepath = str(optimized)
-            self.ws.files[f"{name} (ort-{s.ort_optimization})"] = str(optimized)
-        session = ort.InferenceSession(str(path), options, providers=[self.provider])
-        return Prepared(session, f"{origin}, ORT graph optimisation '{s.ort_optimization}'")
+        level = self.settings.ort_optimization
+        optimized = None
+        if self.settings.save_ort_optimized:
+            optimized = path.with_name(f"{path.stem}.ort-{level}.onnx")
+            self.ws.files[f"{name} (ort-{level})"] = str(optimized)
+        session = ort_session(path, self.provider, optimization=level,
+                              threads=self.ws.settings.threads, spinning=self.spin,
+                              optimized_path=optimized)
+        return Prepared(session, f"{origin}, ORT graph optimisation '{level}'")
 
     def _onnx_file(self, name: str, model: ModelLike) -> tuple[Path, str]:
         """The model's ONNX file (given, exported earlier in this call, or exported now) and
@@ -84,28 +92,11 @@ class _Ort(Backend):
         return self.ws.exports[name]
 
     def runner(self, prepared: Prepared, batch: Batch) -> Callable[[], object]:
-        session = prepared.handle
-        feed = ort_feed(session, batch)
-        return lambda: session.run(None, feed)
+        return ort_runner(prepared.handle, batch)
 
     def recorded_settings(self) -> dict:
-        s = self.ws.settings
-        return {"ort_allow_spinning": int(s.spin), "ort_optimization": s.ort_optimization}
-
-
-def ort_feed(session, batch: Batch) -> dict:
-    """numpy inputs for `session`: dict batches by input name, positional ones in order."""
-    names = [i.name for i in session.get_inputs()]
-    if batch.kwargs:
-        missing = [n for n in names if n not in batch.kwargs]
-        if missing:
-            raise ValueError(f"the ONNX model's inputs {missing} are not in the batch "
-                             f"(keys {sorted(batch.kwargs)})")
-        return {n: batch.kwargs[n].detach().cpu().numpy() for n in names}
-    if len(names) != len(batch.args):
-        raise ValueError(f"the ONNX model takes {len(names)} inputs, the batch has "
-                         f"{len(batch.args)}")
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, batch.args)}
+        return {"ort_allow_spinning": int(self.spin),
+                "ort_optimization": self.settings.ort_optimization}
 
 
 @register_backend

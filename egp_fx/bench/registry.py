@@ -11,25 +11,37 @@ A backend turns a model into something it can call and says how one call is made
                                  copied, BatchNorm-folded, cast and compiled, ...; raises Skip
                                  for a model it cannot take
     runner(prepared, batch)      a zero-argument callable making ONE synchronous call on that
-                                 batch; this is what timing.measure_cell times
+                                 batch; this is what egp_fx.runtime.timing.measure_cell times
     timing()                     a context held while a cell is timed (thread settings)
-    check(settings)              (classmethod) reject settings it does not understand
+    Settings                     (class attribute) a frozen dataclass of the backend's own
+                                 options, filled from benchmark()'s keyword options of the same
+                                 names (ort_optimization=..., torch_variants=...); its
+                                 __post_init__ rejects values it cannot honour (ValueError)
 
-Adding a backend is one class in one place (here, next to the others, or in user code):
+Every backend also reads the settings all share, `self.ws.settings` (repeats, warmup, threads),
+and its own, `self.settings`. Adding a backend is one class, its options included, in one file
+(next to the others, imported by bench/__init__.py, or in user code):
+
+    @dataclass(frozen=True)
+    class MySettings:
+        my_level: int = 1
 
     @register_backend
     class MyBackend(Backend):
         name = "my-backend"
-        def variants(self): return ("default",)
+        Settings = MySettings
+        def variants(self): return (f"level-{self.settings.my_level}",)
         def prepare(self, name, model, variant): return Prepared(model, "as given")
         def runner(self, prepared, batch): return lambda: batch(prepared.handle)
+
+    benchmark(models, x, backends=("my-backend",), my_level=2)
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Union
 
@@ -65,16 +77,32 @@ class Prepared:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The options of one benchmark call (see benchmark())."""
+class RunSettings:
+    """The settings every backend of one benchmark call shares (see benchmark())."""
     repeats: int
     warmup: int
     threads: int | None
-    ort_optimization: str
-    save_ort_optimized: bool
-    spin: bool
-    torch_variants: tuple[str, ...]
-    fold_batchnorm: bool
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a backend without options of its own."""
+
+
+def backend_settings(options: Mapping[str, object]) -> dict[type, object]:
+    """Every registered backend's Settings, filled from `options` by field name.
+
+    An option no registered backend takes is a TypeError (as an unknown keyword argument is);
+    a value a backend cannot honour is its Settings' ValueError, whether or not that backend
+    is among the ones run."""
+    classes = dict.fromkeys(cls.Settings for cls in BACKENDS.values())
+    known = {f.name for c in classes for f in fields(c)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"benchmark() got unknown options {unknown}; the backends take "
+                        f"{sorted(known)}")
+    return {c: c(**{f.name: options[f.name] for f in fields(c) if f.name in options})
+            for c in classes}
 
 
 @dataclass
@@ -84,7 +112,7 @@ class Workspace:
     exports made so far (shared by the ONNX Runtime backends)."""
     models: Mapping[str, ModelLike]
     make_input: Callable[[int], Batch]
-    settings: Settings
+    settings: RunSettings
     folder: Path
     files: dict[str, str] = field(default_factory=dict)
     exports: dict[str, tuple[Path, str]] = field(default_factory=dict)   # name -> (ONNX, origin)
@@ -94,13 +122,11 @@ class Backend:
     """Base class of the backends (see the module docstring)."""
 
     name: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
 
-    def __init__(self, workspace: Workspace):
+    def __init__(self, workspace: Workspace, settings: object = None):
         self.ws = workspace
-
-    @classmethod
-    def check(cls, settings: Settings) -> None:
-        """Raise ValueError for settings this backend cannot honour."""
+        self.settings = settings if settings is not None else self.Settings()
 
     def available(self) -> str | None:
         return None

@@ -2,7 +2,9 @@
 
 For each selected backend (registry.py) and each of its variants, every model is prepared once
 (prepare()); then, per batch size, each gets a runner, is called once (a model that fails there
-is skipped with the error, the others go on), and the cell is timed round-robin (timing.py).
+is skipped with the error, the others go on), and the cell is timed round-robin
+(egp_fx.runtime.timing). Each backend gets the settings all share (repeats, warmup, threads) and
+its own (its Settings, filled from benchmark()'s other keyword options).
 Size figures come from egp_fx.pipeline.measures.measure at batch 1 (params, FlopCounterMode FLOPs,
 weighted layers and nonlinear activations on the longest path); models given as .onnx files
 report their initializer count as params and no FLOPs.
@@ -21,12 +23,12 @@ import torch
 from torch import nn
 
 from egp_fx.ir.batches import Batch, as_batch
+from egp_fx.runtime.timing import measure_cell
 
 from .environment import environment
-from .registry import BACKENDS, Backend, ModelLike, Settings, Skip, Workspace
+from .registry import BACKENDS, Backend, ModelLike, RunSettings, Skip, Workspace, backend_settings
 from .result import BenchResult, BenchRow
-from .timing import cell_rows, measure_cell
-from .torch_backend import DEFAULT_TORCH_VARIANTS
+from .rows import cell_rows
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +36,24 @@ log = logging.getLogger(__name__)
 def benchmark(models: Mapping[str, ModelLike], example_inputs, *,
               batch_sizes: Iterable[int] = (1,), backends: Iterable[str] = ("ort-cpu",),
               repeats: int = 50, warmup: int = 10, threads: int | None = None,
-              workdir: str | os.PathLike | None = None, ort_optimization: str = "all",
-              save_ort_optimized: bool = False, spinning: bool | None = None,
-              torch_variants: Iterable[str] = DEFAULT_TORCH_VARIANTS,
-              fold_batchnorm: bool = True) -> BenchResult:
+              workdir: str | os.PathLike | None = None, **options) -> BenchResult:
     """Measure every model on every backend/variant/batch size, interleaved.
 
     `models` maps names to nn.Modules (or to .onnx files, ONNX Runtime backends only); the first
     entry is the baseline of the speedup column. `example_inputs` is one sample -- a batch-1
     tensor, tuple of tensors or dict of tensors (token inputs: input_ids, attention_mask, ...),
     repeated along dim 0 to each batch size -- or a callable batch_size -> such inputs.
-    `backends` are names from egp_fx.bench.BACKENDS; `torch_variants` the variants of the torch
-    backends (egp_fx.bench.TORCH_VARIANTS; "+compile" ones are opt-in, they compile every model
-    once per batch size). On torch backends every model runs with its BatchNorm folded, as a
-    user would deploy it, unless fold_batchnorm=False. Rows say how each model was prepared and
-    which row their speedup is relative to.
+    `backends` are names from egp_fx.bench.BACKENDS. `options` are the backends' own, by name:
+    ort_optimization ("all"), save_ort_optimized (False), spinning (None: only when one model is
+    timed) for the ONNX Runtime backends; torch_variants (egp_fx.bench.DEFAULT_TORCH_VARIANTS;
+    "+compile" ones of TORCH_VARIANTS are opt-in, they compile every model once per batch size)
+    and fold_batchnorm (True: every model runs with its BatchNorm folded, as a user would deploy
+    it) for the torch backends. Rows say how each model was prepared and which row their speedup
+    is relative to.
     """
     backends, batch_sizes = tuple(backends), tuple(batch_sizes)
-    settings = Settings(repeats, warmup, threads, ort_optimization, save_ort_optimized,
-                        spinning if spinning is not None else len(models) == 1,
-                        tuple(torch_variants), fold_batchnorm)
-    _validate(models, backends, batch_sizes, settings)
+    settings = RunSettings(repeats, warmup, threads)
+    own = _validate(models, backends, batch_sizes, settings, options)
     env = environment(threads)  # before the run: the load average is the one we ran under
     make_input = _input_maker(example_inputs)
     sizes = {name: _sizes(m, make_input(1)) for name, m in models.items()}
@@ -65,7 +64,7 @@ def benchmark(models: Mapping[str, ModelLike], example_inputs, *,
     with tempfile.TemporaryDirectory(prefix="egp_bench_") as tmp:
         ws = Workspace(models, make_input, settings, Path(workdir or tmp))
         for name in backends:
-            backend = BACKENDS[name](ws)
+            backend = BACKENDS[name](ws, own[BACKENDS[name].Settings])
             recorded.update(backend.recorded_settings())
             rows += _run_backend(backend, ws, batch_sizes, sizes, skipped)
     files = ws.files if workdir is not None else {}
@@ -112,16 +111,16 @@ def _run_backend(backend: Backend, ws: Workspace, batch_sizes, sizes, skipped) -
     return rows
 
 
-def _validate(models, backends, batch_sizes, settings: Settings) -> None:
+def _validate(models, backends, batch_sizes, settings: RunSettings, options) -> dict:
     if not models:
         raise ValueError("benchmark needs at least one model")
     bad = [b for b in backends if b not in BACKENDS]
     if bad:
         raise ValueError(f"unknown backends {bad}; choose from {tuple(BACKENDS)}")
-    for cls in dict.fromkeys(BACKENDS.values()):
-        cls.check(settings)
+    own = backend_settings(options)
     if settings.repeats < 1 or settings.warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need repeats >= 1, warmup >= 0 and batch sizes >= 1")
+    return own
 
 
 def _as_inputs(value) -> Batch:

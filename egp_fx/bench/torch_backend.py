@@ -9,9 +9,10 @@ backend's device. Variants:
 - "+compile": torch.compile(dynamic=False), compiled once per batch size by the first call,
   outside the timing; on CUDA with mode="reduce-overhead" (CUDA graphs through
   torch.compile), on the CPU with the default mode.
+The calls are egp_fx.runtime.torch_calls' (the ones compress's latency cost times layers with):
 CUDA calls end with torch.cuda.synchronize() (what torch.utils.benchmark.Timer does), so a row
 is wall time per call, launch overheads included. torch-cpu runs with `threads` intra-op threads
-when given.
+when given. Options (TorchSettings): `torch_variants`, `fold_batchnorm`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from egp_fx.ir.batches import Batch
+from egp_fx.runtime.torch_calls import cuda_graph_runner, eager_runner, torch_threads
 
 from .deploy import deployable
-from .registry import Backend, ModelLike, Prepared, Settings, Skip, register_backend
+from .registry import Backend, ModelLike, Prepared, Skip, register_backend
 
 TORCH_VARIANTS = ("fp32", "fp32+cudagraph", "fp32+compile", "fp16", "fp16+cudagraph",
                   "fp16+compile")
@@ -40,25 +42,33 @@ class _Ready:
     call: str               # "eager", "cudagraph" or "compile"
 
 
-class _Torch(Backend):
-    device: ClassVar[str] = "cpu"
-    compile_mode: ClassVar[str | None] = None
+@dataclass(frozen=True)
+class TorchSettings:
+    """The options of the torch backends (see the module docstring)."""
+    torch_variants: tuple[str, ...] = DEFAULT_TORCH_VARIANTS
+    fold_batchnorm: bool = True
 
-    @classmethod
-    def check(cls, settings: Settings) -> None:
-        bad = [v for v in settings.torch_variants if v not in TORCH_VARIANTS]
+    def __post_init__(self):
+        object.__setattr__(self, "torch_variants", tuple(self.torch_variants))
+        bad = [v for v in self.torch_variants if v not in TORCH_VARIANTS]
         if bad:
             raise ValueError(f"unknown torch variants {bad}; choose from {TORCH_VARIANTS}")
 
+
+class _Torch(Backend):
+    device: ClassVar[str] = "cpu"
+    compile_mode: ClassVar[str | None] = None
+    Settings = TorchSettings
+
     def variants(self):
-        return self.ws.settings.torch_variants
+        return self.settings.torch_variants
 
     def prepare(self, name: str, model: ModelLike, variant: str) -> Prepared:
         if not isinstance(model, nn.Module):
             raise Skip("given as an ONNX file")
         dtype = torch.float16 if variant.startswith("fp16") else torch.float32
         call = variant.partition("+")[2] or "eager"
-        module, how = deployable(model, self.ws.settings.fold_batchnorm)
+        module, how = deployable(model, self.settings.fold_batchnorm)
         module = module.to(device=self.device, dtype=dtype)
         if call == "compile":
             module = torch.compile(module, mode=self.compile_mode, dynamic=False)
@@ -69,9 +79,9 @@ class _Torch(Backend):
         ready: _Ready = prepared.handle
         batch = batch.to(device=self.device, dtype=ready.dtype)
         if ready.call == "cudagraph":
-            return _cuda_graph_runner(ready.module, batch)
-        return _eager_runner(ready.module, batch, cuda=self.device == "cuda",
-                             mark_step=ready.call == "compile" and self.device == "cuda")
+            return cuda_graph_runner(ready.module, batch)
+        return eager_runner(ready.module, batch, cuda=self.device == "cuda",
+                            mark_step=ready.call == "compile" and self.device == "cuda")
 
 
 @register_backend
@@ -83,7 +93,7 @@ class TorchCpu(_Torch):
         return "CUDA graphs need a GPU" if "cudagraph" in variant else None
 
     def timing(self) -> contextlib.AbstractContextManager:
-        return _torch_threads(self.ws.settings.threads)
+        return torch_threads(self.ws.settings.threads)
 
 
 @register_backend
@@ -94,47 +104,3 @@ class TorchCuda(_Torch):
 
     def available(self) -> str | None:
         return None if torch.cuda.is_available() else "torch.cuda.is_available() is False (no GPU)"
-
-
-def _eager_runner(module: nn.Module, batch: Batch, cuda: bool, mark_step: bool = False):
-    def run():
-        if mark_step:   # a new inference step for the CUDA graphs of torch.compile
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.inference_mode():
-            out = batch(module)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def _cuda_graph_runner(module: nn.Module, batch: Batch):
-    static = batch.map(torch.clone)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the capture (cuDNN autotuning, lazy init)
-            static(module)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        static_out = static(module)
-
-    def run():
-        graph.replay()
-        torch.cuda.synchronize()
-        return static_out
-
-    return run
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -1,37 +1,18 @@
-"""The timing loop: warm-up, then round-robin rounds, one call per model per round; the rows.
+"""The rows of a cell: one per model, its median and 90th percentile in milliseconds, its sizes,
+and its speedup over the cell's baseline.
 
-A cell is one (backend, variant, batch size). After `warmup` rounds, each of `repeats` rounds
-calls every model once, in turn: drifts of the machine (clock frequency, other load, thermal
-state) hit all models alike. time.perf_counter is read around one synchronous call (the runner
-makes it synchronous: onnxruntime's run() returns with the outputs ready, torch CUDA calls end
-in torch.cuda.synchronize()).
+The times come from egp_fx.runtime.timing.measure_cell (warm-up, then round-robin rounds of one
+call per model), the loop compress's latency cost times layers with too.
 """
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 from .result import BenchRow
 
 log = logging.getLogger(__name__)
-
-
-def measure_cell(runners: dict[str, Callable], repeats: int, warmup: int) -> dict[str, list]:
-    """Per-call times in milliseconds of every runner, measured round-robin."""
-    for _ in range(warmup):
-        for run in runners.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    clock = time.perf_counter
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = clock()
-            run()
-            times[name].append((clock() - start) * 1e3)
-    return times
 
 
 def cell_rows(times: dict[str, list[float]], backend: str, variant: str, batch: int,
