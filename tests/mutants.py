@@ -71,6 +71,12 @@ MUTANTS = (
            "    for _ in range(repeats):\n        for name, run in runners.items():\n",
            "    for name, run in runners.items():\n        for _ in range(repeats):\n",
            ("tests/test_bench.py",)),
+    Mutant("target-timer-ignored", "compress(cost=\"latency\") times every target with torch on "
+           "the CPU, whatever timer its registry entry names",
+           "egp_fx/pipeline/latency.py",
+           "    return entry.timer\n",
+           "    return torch_cpu_timer\n",
+           ("tests/test_targets.py", "tests/test_extending.py")),
     Mutant("parity-no-noise-floor", "export parity refuses float32 rounding of a deep network",
            "egp_fx/deploy/parity.py",
            "                    bound = max(tolerance, NOISE_FACTOR * noise[k])",

@@ -1,8 +1,10 @@
 """Extending egp_fx touches one place: an activation kind is one entry (activations.register), a
-pass is one decorated generator (passes.register)."""
+pass is one decorated generator (passes.register), a target is one entry (register_target), a
+benchmark backend is one registered class with its own settings (register_backend)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,10 +12,13 @@ from torch import nn
 
 import egp_fx
 from egp_fx import passes
+from egp_fx.bench import BACKENDS, Backend, Prepared, benchmark, register_backend
+from egp_fx.cli.app import build_parser
 from egp_fx.ir import activations
 from egp_fx.ir.activations import ActivationKind
 from egp_fx.ir.regions import Affine, RegionSpec
 from egp_fx.passes.base import Candidate, Rewrite
+from egp_fx.pipeline.targets import TARGETS, Target, register_target
 
 
 class ShiftedReLU(nn.Module):
@@ -90,3 +95,102 @@ def test_a_new_pass_is_one_decorated_generator():
     finally:
         passes.PASSES.pop("doubling")
     assert "doubling" not in passes.default_pipeline()
+
+
+# ----------------------------------------------------------------------------- a target
+
+def npu_timer(module, x):
+    """A made-up accelerator (a stub device): a pair whose hidden width is 192 is fastest."""
+    width = module[0].out_features if isinstance(module, nn.Sequential) else -1
+    NPU_TIMED.append(width)
+    return 1e-3 if width == 192 else 2e-3
+
+
+NPU_TIMED: list[int] = []
+
+
+@pytest.fixture
+def npu_target():
+    target = register_target(Target("npu", 32, "torch-cpu", npu_timer, "blocks of 32 lanes"))
+    yield target
+    TARGETS.pop("npu")
+
+
+def _hidden_width(gm) -> int:
+    return next(lay.out_channels for n in gm.graph.nodes
+                if (lay := egp_fx.ir.layer.layer_of(gm, n)) is not None and lay.path == "0")
+
+
+def test_a_new_target_is_one_entry(npu_target):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    with torch.no_grad():                        # 116 dead units, 140 live
+        model[0].weight[:116] = 0.0
+        model[0].bias[:116] = -1.0
+    x = [torch.randn(64, 32, generator=torch.Generator().manual_seed(1))]
+    gm = egp_fx.compress(model, x, target="npu", progress=False)
+    assert _hidden_width(gm) == 160 and egp_fx.report_of(gm).target == "npu"   # 140 -> 32 * 5
+    NPU_TIMED.clear()
+    gm = egp_fx.compress(model, x, target="npu", cost="latency", progress=False)
+    assert _hidden_width(gm) == 192                                   # its timer decided
+    assert sorted(set(NPU_TIMED)) == [144, 160, 192, 256]
+    args = build_parser().parse_args(["compress", "m", "--data", "random", "--target", "npu"])
+    assert args.target == "npu"                                       # the command line reads it
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x[0]), model(x[0]), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- a bench backend
+
+@dataclass(frozen=True)
+class LoopedSettings:
+    """The options of the "looped" backend: `loops` calls of the model per timed call."""
+    loops: int = 1
+
+    def __post_init__(self):
+        if self.loops < 1:
+            raise ValueError("loops must be >= 1")
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+@pytest.fixture
+def looped_backend():
+    @register_backend
+    class Looped(Backend):
+        name = "looped"
+        Settings = LoopedSettings
+
+        def variants(self):
+            return (f"x{self.settings.loops}",)
+
+        def prepare(self, name, model, variant):
+            return Prepared(model, f"called {self.settings.loops} times per timed call")
+
+        def runner(self, prepared, batch):
+            return lambda: [batch(prepared.handle) for _ in range(self.settings.loops)]
+
+    yield Looped
+    del BACKENDS["looped"]
+
+
+def test_a_new_bench_backend_is_one_class_with_its_own_settings(looped_backend):
+    model = Counting()
+    res = benchmark({"m": model}, torch.randn(1, 4), backends=["looped"], loops=3, repeats=4,
+                    warmup=1, batch_sizes=(2,))
+    assert [(r.model, r.backend, r.variant, r.batch_size, r.prepared) for r in res.rows] == \
+        [("m", "looped", "x3", 2, "called 3 times per timed call")]
+    assert model.calls == 3 * (1 + 1 + 4)     # 3 calls per probe, warm-up and timed call
+    with pytest.raises(ValueError, match="loops must be >= 1"):
+        benchmark({"m": model}, torch.randn(1, 4), backends=["torch-cpu"], loops=0)
+    with pytest.raises(TypeError, match=r"unknown options \['loopz'\]"):
+        benchmark({"m": model}, torch.randn(1, 4), backends=["looped"], loopz=3)

@@ -1,13 +1,22 @@
 """Widths chosen for the hardware: the target's multiple, channel_multiple overriding it, and
-the width picked by measurement when cost="latency"."""
+the width picked by measurement when cost="latency"; the registry's entries and their timers,
+which measure through the benchmark's session and timing code (egp_fx.runtime)."""
 from __future__ import annotations
+
+import logging
+import math
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
 import egp_fx
+from egp_fx.bench import BACKENDS
 from egp_fx.passes.dead_channels import candidate_widths
+from egp_fx.pipeline import latency, timers
+from egp_fx.pipeline.targets import TARGETS, Target, register_target
+from egp_fx.runtime import timing
 
 
 def mlp(dead: int, width: int = 256) -> nn.Module:
@@ -78,3 +87,56 @@ def test_a_narrowing_that_measures_slower_is_not_applied():
     report = egp_fx.report_of(gm)
     assert not [r for r in report.applied if r.kind == "narrow_channels"]
     assert any("every narrower width measures slower" in r.reason for r in report.refusals)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+def test_the_registry_names_multiple_backend_and_timer():
+    assert {name: (t.channel_multiple, t.backend, t.timer) for name, t in TARGETS.items()} == {
+        "ort-cpu": (16, "ort-cpu", timers.ort_cpu_timer),
+        "cuda": (64, "torch-cuda", timers.cuda_timer),
+        "generic": (8, "torch-cpu", timers.torch_cpu_timer)}
+    assert all(t.backend in BACKENDS for t in TARGETS.values())
+
+
+def test_timer_for_reads_the_entry_and_falls_back_without_a_gpu(caplog):
+    assert latency.timer_for("ort-cpu") is timers.ort_cpu_timer
+    assert latency.timer_for("generic") is timers.torch_cpu_timer
+    with caplog.at_level(logging.WARNING, logger="egp_fx.pipeline.latency"):
+        cuda = latency.timer_for("cuda")
+    if torch.cuda.is_available():
+        assert cuda is timers.cuda_timer and not caplog.records
+    else:
+        assert cuda is timers.torch_cpu_timer
+        assert [r.getMessage() for r in caplog.records] == [
+            "target 'cuda' cannot be timed here (no GPU): layers are timed with torch on the CPU"]
+
+
+def test_a_target_needs_a_positive_multiple():
+    with pytest.raises(ValueError, match="channel_multiple must be >= 1"):
+        register_target(Target("zero", 0, "torch-cpu", timers.torch_cpu_timer, "none"))
+    assert "zero" not in TARGETS
+
+
+def test_a_timer_is_the_median_of_the_benchmark_loop(monkeypatch):
+    """The timer's calls run through runtime.timing.measure_cell: WARMUP untimed calls, then
+    REPEATS timed ones, their median in seconds (a fake clock each call advances)."""
+    now = [0.0]
+    timed = [(k * 7 % 20 + 1) * 1e-3 for k in range(timers.REPEATS)]     # 1..20 ms, shuffled
+    steps = iter([5.0] * timers.WARMUP + timed)
+
+    class Tick(nn.Module):
+        def forward(self, x):
+            now[0] += next(steps)
+            return x
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    assert timers.torch_cpu_timer(Tick(), torch.zeros(1)) == pytest.approx(
+        statistics.median(timed), rel=1e-9, abs=0)
+    assert next(steps, None) is None                          # every step taken, none more
+
+
+@pytest.mark.parametrize("timer", [timers.ort_cpu_timer, timers.torch_cpu_timer])
+def test_the_cpu_timers_measure_a_layer(timer):
+    seconds = timer(nn.Linear(32, 16), torch.randn(4, 32))
+    assert math.isfinite(seconds) and 0 < seconds < 1

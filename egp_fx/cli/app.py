@@ -35,6 +35,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from egp_fx.bench import BACKENDS, DEFAULT_TORCH_VARIANTS, TORCH_VARIANTS
 from egp_fx.errors import (
     EXIT_CODES,
     EXIT_INTERNAL,
@@ -44,6 +45,7 @@ from egp_fx.errors import (
     CLIError,
     exit_code,
 )
+from egp_fx.pipeline.targets import TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,9 +83,10 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-approximate", action="store_true", help="apply inexact rewrites too")
     g.add_argument("--passes", help="comma-separated pass names (default: all, in order)")
     g.add_argument("--verify-samples", type=int, help="calibration samples used to verify (default 8)")
-    g.add_argument("--target", choices=("ort-cpu", "cuda", "generic"), default="ort-cpu",
+    g.add_argument("--target", choices=tuple(TARGETS), default="ort-cpu",
                    help="hardware the model will run on; sets the width multiple of narrowed "
-                   "layers (default ort-cpu: 16; cuda: 64; generic: 8)")
+                   "layers (default " + "; ".join(f"{t.name}: {t.channel_multiple}"
+                                                  for t in TARGETS.values()) + ")")
     g.add_argument("--channel-multiple", type=int,
                    help="keep narrowed widths a multiple of this (overrides --target; 1 = exact)")
     g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
@@ -137,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the newest all tools support)")
     p = _command(sub, "bench", "compress, then time original and compressed side by side")
     p.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
-    from egp_fx.bench import BACKENDS, DEFAULT_TORCH_VARIANTS, TORCH_VARIANTS
     p.add_argument("--backends", default="ort-cpu",
-                   help=f"comma-separated: {', '.join(BACKENDS)} (default ort-cpu)")
+                   help=f"comma-separated: {', '.join(BACKENDS)} (default ort-cpu; each "
+                   "--target's own: " + ", ".join(f"{t.name}: {t.backend}"
+                                                  for t in TARGETS.values()) + ")")
     p.add_argument("--torch-variants", default=",".join(DEFAULT_TORCH_VARIANTS),
                    help=f"comma-separated, for the torch backends: {', '.join(TORCH_VARIANTS)} "
                    "(default %(default)s; every model runs with its BatchNorm folded)")
