@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from egp_fx.ir.batches import batch_input
 
-from .errors import PruneError
+from egp_fx.errors import PruneError
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from egp_fx.ir.batches import batch_label
 
 from .allocation import allocate
 from .augment import Augment, AugmentedLoader
-from .errors import PruneError
+from egp_fx.errors import PruneError
 from .imp import global_magnitude_prune
 from .layers import (
     PrunableLayer,

@@ -21,7 +21,7 @@ from torch import nn
 
 from egp_fx.deploy.saving import save_weights
 
-from .errors import PruneError
+from egp_fx.errors import PruneError
 
 LOG_NAME = "log.json"
 REINIT_NAME = "reinit.safetensors"

@@ -31,7 +31,7 @@ from egp_fx import distributed as ranks
 from egp_fx.distributed import training as across
 from egp_fx.ir.batches import batch_input, batch_label
 
-from .errors import PruneError
+from egp_fx.errors import PruneError
 from .layers import apply_masks
 
 log = logging.getLogger(__name__)
