@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from egp_fx.deploy.saving import save_weights
-
 from egp_fx.errors import PruneError
 
 LOG_NAME = "log.json"
