@@ -4,7 +4,7 @@
 per-layer budget of allocation.py (EGP) or global magnitude pruning (imp.py), fine-tuning after
 each round (train.py) on optionally augmented batches (augment.py), and optionally the
 re-initialisation ablation (reinit.py). models.py and datasets.py hold the ResNet-18 (CIFAR stem)
-and the offline digits data of the experiment in benchmarks/egp_experiment.py.
+and the offline digits data of the experiment in benchmarks/make_demo_checkpoint.py.
 
 `egp_fx.prune(model, loader, ...)` is egp.prune: a plain function exported from this package.
 """
