@@ -6,8 +6,8 @@
   model accepts among 64, 56, 96, 112, 128, 224 (timm /
   torchvision ViTs are rebuilt for that side with img_size= / image_size= where they take it:
   56 and 112 suit patch 14), else the model's own input size;
-- plant: BatchNorms get random affine parameters (tests/plants.realistic_bn), then
-  tests/plants.plant_dead_units makes every 4th channel of each BatchNorm or conv/linear that
+- plant: BatchNorms get random affine parameters (egp_fx.testing.planting.realistic_bn), then
+  plant_dead_units makes every 4th channel of each BatchNorm or conv/linear that
   writes an activation's input constant (a dead unit, whatever the kind), then every BatchNorm's
   running statistics are set to the calibration data's (fit_bn_statistics, the BatchNorms alone
   in training mode), as training would:
@@ -30,16 +30,21 @@
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+import egp_fx
+from egp_fx.capture.coverage import ActivationCounter
+from egp_fx.testing.planting import fit_bn_statistics, plant_dead_units, realistic_bn
+
 SIDES = (64, 56, 96, 112, 128, 224)
 EXACT = 1e-5                  # float64 relative error allowed (tests/test_compress.py)
 BATCHES, BATCH = 2, 2
@@ -116,8 +121,6 @@ def _errors(model: nn.Module, small: nn.Module, batches) -> dict:
 
 
 def _count_run(model: nn.Module, x: torch.Tensor) -> int:
-    from egp_fx.capture.coverage import ActivationCounter
-
     counter = ActivationCounter()
     with torch.no_grad(), counter:
         model(x[:1])
@@ -125,8 +128,6 @@ def _count_run(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _onnx(small: nn.Module, x: torch.Tensor, noise: float | None) -> dict:
-    import egp_fx
-
     tolerance = max(1e-4, 10 * (noise or 0.0))
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -141,16 +142,11 @@ def _onnx(small: nn.Module, x: torch.Tensor, noise: float | None) -> dict:
 
 def _most_frequent(reasons) -> str | None:
     """The most frequent refusal reason, numbers masked so that one rule counts once."""
-    import re
-    from collections import Counter
-
     counts = Counter(re.sub(r"\d+", "N", r) for r in reasons)
     return counts.most_common(1)[0][0][:200] if counts else None
 
 
 def _compress_row(model, batches) -> dict:
-    import egp_fx
-
     t0 = time.perf_counter()
     small = egp_fx.compress(model, batches, progress=False)
     seconds = time.perf_counter() - t0
@@ -238,10 +234,6 @@ def pick(family: str, max_params: float) -> dict:
 def run_case(source: str, name: str) -> dict:
     """The table row for one model (failures are recorded, never raised)."""
     warnings.filterwarnings("ignore")
-    import sys
-    sys.path.insert(0, str(TESTS))
-    from plants import fit_bn_statistics, plant_dead_units, realistic_bn  # noqa: PLC0415
-
     row: dict = {"source": source, "model": name}
     stage = "build"
     try:

@@ -1,6 +1,6 @@
 """Calibration cost against a plain forward pass (torchvision ResNet-18, batch 32, 224x224, CPU).
 
-    .venv/bin/python benchmarks/bench_calibrate.py [--batches 5] [--repeats 3]
+    .venv/bin/python benchmarks/bench_calibrate.py [--batches 5] [--repeats 3] [--results DIR]
 
 Both are timed on the same batches in the same process, interleaved, after one warm-up each:
 the plain forward runs the traced model (no observers); calibration is egp_fx.calibrate on the
@@ -15,15 +15,13 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
+from _common import add_results_arg
 
 import egp_fx
 from egp_fx.bench import environment
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -31,6 +29,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    add_results_arg(ap)
     args = ap.parse_args()
     load = round(os.getloadavg()[0], 2)
     torch.manual_seed(0)
@@ -63,8 +62,8 @@ def main() -> None:
         "forward_median_s": fwd, "calibrate_median_s": cal, "ratio": cal / fwd, "target": 1.15,
     }
     record["machine"]["load_average_at_start"] = load
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "calibrate_cpu.json").write_text(json.dumps(record, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "calibrate_cpu.json").write_text(json.dumps(record, indent=2))
     md = (f"# Calibration cost vs plain forward\n\n`{record['command']}`\n\n"
           f"Machine: {record['machine']['cpu']}, {record['machine']['threads']} threads, "
           f"torch {torch.__version__}; 1-min load average at start {load}\n\n"
@@ -72,7 +71,7 @@ def main() -> None:
           f"|---|---|---|---|---|---|---|\n"
           f"| resnet18 | {args.batch_size} | {args.batches} | {fwd:.3f} | {cal:.3f} | "
           f"{cal / fwd:.3f}x | <= 1.15x |\n")
-    (RESULTS / "calibrate_cpu.md").write_text(md)
+    (args.results / "calibrate_cpu.md").write_text(md)
     print(md)
 
 

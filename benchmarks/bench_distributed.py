@@ -33,10 +33,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torchvision
+from _common import add_results_arg, header, setup_logging, write
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+import egp_fx
+from egp_fx.distributed import backend_device, calibration, launch
+from egp_fx.pruning.models import resnet18_cifar
 
 MODELS = {"digits": ((3, 32, 32), "ResNet-18, CIFAR stem, width x0.25 (egp_fx.pruning.models)"),
           "resnet18": ((3, 224, 224), "torchvision ResNet-18")}
@@ -45,9 +48,7 @@ MODELS = {"digits": ((3, 32, 32), "ResNet-18, CIFAR stem, width x0.25 (egp_fx.pr
 def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "digits":
-        from egp_fx.pruning.models import resnet18_cifar
         return resnet18_cifar(width_mult=0.25).eval()
-    import torchvision
     return torchvision.models.resnet18().eval()
 
 
@@ -60,11 +61,6 @@ def _batches(args) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------- worker (a rank)
 
 def worker(args) -> None:
-    import torch.distributed as dist
-
-    import egp_fx
-    from egp_fx.distributed import backend_device, calibration, launch
-
     torch.set_num_threads(args.threads)
     launch.setup(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -112,8 +108,7 @@ def _free_port() -> int:
 
 def run(n: int, args, folder: Path) -> dict:
     result = folder / f"n{n}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GLOO_SOCKET_IFNAME": "lo",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
            str(n), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(Path(__file__).resolve()), "--worker", "--result", str(result),
@@ -136,6 +131,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads per process")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process count")
     ap.add_argument("--out-stem", default="distributed_cpu")
+    add_results_arg(ap)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -144,7 +140,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from _common import header, setup_logging, write
     setup_logging()
     title = f"Calibration across processes ({args.backend}, {args.device or 'cpu'})"
     head, meta = header(title, args.threads)
@@ -193,7 +188,8 @@ def main() -> None:
         f"{load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end.", "",
         *table, "", *notes, ""])
     write(args.out_stem, {**meta, "args": vars(args), "rows": rows, "notes": notes,
-                          "load_average_start": load_start, "load_average_end": load_end}, text)
+                          "load_average_start": load_start, "load_average_end": load_end}, text,
+          args.results)
     print(text)
 
 

@@ -1,7 +1,8 @@
 """Language models on onnxruntime CPU: original, compressed and hand-built oracles.
 
-Cases (_llm_cases.py; random init from Hugging Face configs, no weights downloaded; dead FFN
-units planted after the published profile, 70% in the first layer falling to 0 by the middle):
+Cases (egp_fx.testing.planted.LLM_CASES; random init from Hugging Face configs, no weights
+downloaded; dead FFN units planted after the published profile, 70% in the first layer falling
+to 0 by the middle):
   opt-125m    OPT (12 layers, d=768, FFN 3072, ReLU)
   llama-200m  LLaMA architecture (12 layers, d=1024, gated FFN 2816, SiLU; dead gate units)
   bert-base   BERT-base (12 layers, d=768, FFN 3072, GELU)
@@ -21,39 +22,39 @@ import argparse
 import logging
 import time
 
-import _llm_cases as cases
 import torch
 import torch.fx
-from _common import header, setup_logging, write
+from _common import add_results_arg, header, setup_logging, write
+from _results import by_batch, plain_runs, table
 
+import egp_fx
 from egp_fx.bench import benchmark
+from egp_fx.testing.planted import LLM_CASES, llm_oracle, observed_dead, tokens
 
 log = logging.getLogger("bench_llm")
-VOCAB = {"opt-125m": 50272, "llama-200m": 32000, "bert-base": 30522}
 
 
 def run_case(name: str, args) -> dict:
-    import egp_fx
-
-    build, oracle = cases.CASES[name]
-    model, planted = build()
-    calib = cases.tokens(VOCAB[name], args.calib_batches, 4, args.seq, seed=1)
+    case = LLM_CASES[name]
+    model, planted = case.build()
+    calib = tokens(case.vocab, args.calib_batches, 4, args.seq, seed=1)
     start = time.perf_counter()
     compressed = egp_fx.compress(model, calib, progress=False)
     seconds = time.perf_counter() - start
-    never = cases.observed_dead(name, model, calib)
-    models = {"original": model, "compressed": compressed, "oracle": oracle(model, never),
-              "oracle-16": oracle(model, never, multiple=16)}
-    held_out = cases.tokens(VOCAB[name], 1, 2, args.seq, seed=99)[0]
+    never = observed_dead(case.ffn, model, calib)
+    models = {"original": model, "compressed": compressed,
+              "oracle": llm_oracle(case.ffn, model, never),
+              "oracle-16": llm_oracle(case.ffn, model, never, multiple=16)}
+    held_out = tokens(case.vocab, 1, 2, args.seq, seed=99)[0]
     report = egp_fx.report_of(compressed)
     with torch.no_grad():
         def call(m):
-            hf = not isinstance(m, torch.fx.GraphModule) and name != "bert-base"
+            hf = not isinstance(m, torch.fx.GraphModule) and case.ffn.decoder
             return m(**held_out, use_cache=False) if hf else m(**held_out)
         ref = call(model)[0]
         errors = {n: float((call(m)[0] - ref).abs().max() / ref.abs().max())
                   for n, m in models.items() if n != "original"}
-    one = {k: v[:1] for k, v in cases.tokens(VOCAB[name], 1, 1, args.seq, seed=5)[0].items()}
+    one = {k: v[:1] for k, v in tokens(case.vocab, 1, 1, args.seq, seed=5)[0].items()}
     result = benchmark(models, one, batch_sizes=args.batch_sizes, backends=("ort-cpu",),
                        repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     return {"case": name, "planted_dead_units": sum(len(v) for v in planted.values()),
@@ -64,27 +65,24 @@ def run_case(name: str, args) -> dict:
 
 
 def summary(runs: list[dict]) -> str:
-    lines = ["| case | batch | original ms | compressed ms | oracle ms | oracle-16 ms | "
-             "compressed speedup | compressed / oracle-16 | compressed / oracle | "
-             "params original -> compressed (oracle) | GFLOPs original -> compressed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    cells = []
     for run in runs:
-        rows = run["result"].rows
-        for batch in sorted({r.batch_size for r in rows}):
-            m = {r.model: r for r in rows if r.batch_size == batch}
+        for batch, m in by_batch(run["result"]):
             o, c, x, x16 = m["original"], m["compressed"], m["oracle"], m["oracle-16"]
-            lines.append(
-                f"| {run['case']} | {batch} | {o.median_ms:.2f} | {c.median_ms:.2f} | "
-                f"{x.median_ms:.2f} | {x16.median_ms:.2f} | {c.speedup:.3f}x | "
-                f"{c.median_ms / x16.median_ms:.3f} | {c.median_ms / x.median_ms:.3f} | "
-                f"{o.params:,} -> {c.params:,} ({x.params:,}) | "
-                f"{o.flops / 1e9:.2f} -> {c.flops / 1e9:.2f} |")
-    return "\n".join(lines) + "\n"
+            cells.append([run["case"], batch, f"{o.median_ms:.2f}", f"{c.median_ms:.2f}",
+                          f"{x.median_ms:.2f}", f"{x16.median_ms:.2f}", f"{c.speedup:.3f}x",
+                          f"{c.median_ms / x16.median_ms:.3f}", f"{c.median_ms / x.median_ms:.3f}",
+                          f"{o.params:,} -> {c.params:,} ({x.params:,})",
+                          f"{o.flops / 1e9:.2f} -> {c.flops / 1e9:.2f}"])
+    head = ["case", "batch", "original ms", "compressed ms", "oracle ms", "oracle-16 ms",
+            "compressed speedup", "compressed / oracle-16", "compressed / oracle",
+            "params original -> compressed (oracle)", "GFLOPs original -> compressed"]
+    return "\n".join(table("lrrrrrrrrll", head, cells)) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", nargs="+", default=list(cases.CASES))
+    ap.add_argument("--cases", nargs="+", default=list(LLM_CASES))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--calib-batches", type=int, default=2)
@@ -92,6 +90,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
     ap.add_argument("--out-stem", default="llm_cpu", help="results/STEM.{json,md}")
+    add_results_arg(ap)
     ap.add_argument("--quick", action="store_true", help="seq 32, batch 1, 3 repeats; not written")
     args = ap.parse_args()
     setup_logging()
@@ -115,9 +114,8 @@ def main() -> None:
     if args.quick:
         print(text)
         return
-    payload = {**meta, "runs": [{**{k: v for k, v in r.items() if k != "result"},
-                                 "result": r["result"].to_dict()} for r in runs]}
-    write(args.out_stem, payload, text + "\n")
+    payload = {**meta, "runs": plain_runs(runs, nest=True)}
+    write(args.out_stem, payload, text + "\n", args.results)
 
 
 if __name__ == "__main__":

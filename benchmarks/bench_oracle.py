@@ -1,6 +1,6 @@
 """Case 1: does egp_fx.compress reach the oracle? ResNet-18 with k planted dead blocks, ORT CPU.
 
-For k in {0, 2, 4} (see _cases.py for the planting): the planted model ("original"), its
+For k in {0, 2, 4} (egp_fx.testing.planted says how the blocks are planted): the planted model ("original"), its
 egp_fx.compress output ("compressed", calibrated on random images) and the hand-made oracle
 (dead blocks replaced by nn.Identity) are exported to ONNX and timed interleaved on onnxruntime
 CPU at batch 1 and 8. Target: compressed within 2% of the oracle's median latency.
@@ -14,27 +14,28 @@ import argparse
 import logging
 import time
 
-import _cases
 import torch
-from _common import add_run_args, header, setup_logging, write
+from _common import add_run_args, compressor, header, setup_logging, write
+from _results import by_batch, plain_runs, table
 
 from egp_fx.bench import benchmark
+from egp_fx.testing.planted import RESNET_BLOCKS, images, resnet18_oracle, resnet18_planted
 
 log = logging.getLogger("bench_oracle")
 TARGET = 1.02
 
 
 def run_k(k: int, args, compress) -> dict:
-    planted = _cases.resnet18_planted(k, seed=args.seed)
-    oracle = _cases.resnet18_oracle(planted, k)
-    calib = _cases.calibration(args.calib_batches, args.calib_batch_size, seed=args.seed + 1)
+    planted = resnet18_planted(k, seed=args.seed)
+    oracle = resnet18_oracle(planted, k)
+    calib = images(args.calib_batches, args.calib_batch_size, seed=args.seed + 1)
     start = time.perf_counter()
     models = {"original": planted, "compressed": compress(planted, calib)}
     seconds = time.perf_counter() - start
     if args.control:
         models["compressed-keep-channels"] = compress(planted, calib, without=("dead_channels",))
     models["oracle"] = oracle
-    held_out = _cases.calibration(1, 4, seed=args.seed + 100)[0]
+    held_out = images(1, 4, seed=args.seed + 100)[0]
     with torch.no_grad():
         want = planted(held_out)
         errors = {name: float((m(held_out) - want).abs().max()) for name, m in models.items()
@@ -42,28 +43,25 @@ def run_k(k: int, args, compress) -> dict:
     result = benchmark(models, torch.randn(1, 3, 224, 224), batch_sizes=args.batch_sizes,
                        backends=("ort-cpu",), repeats=args.repeats, warmup=args.warmup,
                        threads=args.threads)
-    return {"k": k, "dead_blocks": list(_cases.RESNET_BLOCKS[:k]), "compress_seconds": seconds,
+    return {"k": k, "dead_blocks": list(RESNET_BLOCKS[:k]), "compress_seconds": seconds,
             "held_out_max_abs_err": errors, "result": result}
 
 
 def summary(runs: list[dict]) -> tuple[list[dict], str]:
     names = [n for n in ("original", "compressed", "compressed-keep-channels", "oracle")
              if any(r.model == n for run in runs for r in run["result"].rows)]
-    lines = ["| k | batch | " + " | ".join(f"{n} ms" for n in names)
-             + f" | compressed / oracle | within {TARGET - 1:.0%} |",
-             "| ---: | ---: | " + "---: | " * len(names) + "---: | --- |"]
-    table = []
+    found, cells = [], []
     for run in runs:
-        rows = run["result"].rows
-        for batch in sorted({r.batch_size for r in rows}):
-            med = {r.model: r.median_ms for r in rows if r.batch_size == batch}
+        for batch, row in by_batch(run["result"]):
+            med = {name: r.median_ms for name, r in row.items()}
             ratio = med["compressed"] / med["oracle"]
-            table.append({"k": run["k"], "batch_size": batch, "median_ms": med,
+            found.append({"k": run["k"], "batch_size": batch, "median_ms": med,
                           "compressed_over_oracle": ratio, "met": ratio <= TARGET})
-            lines.append(f"| {run['k']} | {batch} | "
-                         + " | ".join(f"{med[n]:.3f}" for n in names)
-                         + f" | {ratio:.3f} | {'yes' if ratio <= TARGET else 'NO'} |")
-    return table, "\n".join(lines) + "\n"
+            cells.append([run["k"], batch, *(f"{med[n]:.3f}" for n in names), f"{ratio:.3f}",
+                          "yes" if ratio <= TARGET else "NO"])
+    head = ["k", "batch", *(f"{n} ms" for n in names), "compressed / oracle",
+            f"within {TARGET - 1:.0%}"]
+    return found, "\n".join(table("rr" + "r" * len(names) + "rl", head, cells)) + "\n"
 
 
 def main() -> None:
@@ -78,7 +76,7 @@ def main() -> None:
         args.ks, args.batch_sizes, args.repeats, args.warmup = [2], [1], 2, 1
         args.calib_batches, args.calib_batch_size = 1, 2
     setup_logging()
-    compress = _cases.compressor(args.stand_in)
+    compress = compressor(args.stand_in)
     head, meta = header("ResNet-18 with planted dead blocks: original vs egp_fx vs oracle "
                         "(onnxruntime CPU)", args.threads)
     runs = [run_k(k, args, compress) for k in args.ks]
@@ -103,9 +101,8 @@ def main() -> None:
         return
     payload = {**meta, "target_compressed_over_oracle": TARGET, "summary": table,
                "stand_in": args.stand_in,
-               "runs": [{**{k: v for k, v in run.items() if k != "result"},
-                         **run["result"].to_dict()} for run in runs]}
-    write("oracle_cpu", payload, markdown)
+               "runs": plain_runs(runs)}
+    write("oracle_cpu", payload, markdown, args.results)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ the tensors alive at once; that run's times are not used (page faults slow it).
     .venv/bin/python benchmarks/bench_scaling.py --only resnet50 densenet121
     .venv/bin/python benchmarks/bench_scaling.py --profile densenet121   # where the time goes
 
-Writes results/scaling.{json,md} and results/scaling.png (with --only: results/scaling_part.*).
+Writes results/scaling.{json,md} and results/scaling.png (with --only: results/scaling_part.*;
+with --results DIR: in DIR).
 """
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS, header, setup_logging, write
+import torchvision
+from _common import add_results_arg, header, setup_logging, write
+
+import egp_fx
+from egp_fx.ir.copying import tensor_bytes
+from egp_fx.pipeline.measures import compute_nodes
+from egp_fx.testing.planted import opt_model
+from egp_fx.testing.planting import plant_first_rows
 
 log = logging.getLogger("bench_scaling")
 
@@ -50,10 +58,6 @@ MODELS = {
     "swin_b": ("torchvision", 8, 224),
     "opt-125m": ("opt", 4, 128), "opt-350m": ("opt", 4, 128), "opt-1.3b": ("opt", 4, 128),
 }
-OPT = {"opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
-       "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-                        word_embed_proj_dim=512),
-       "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32)}
 
 
 def _rss() -> int:
@@ -88,12 +92,9 @@ def build(name: str):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if family == "opt":
-        import transformers
-
-        model = transformers.OPTForCausalLM(transformers.OPTConfig(
-            vocab_size=50272, max_position_embeddings=2048, **OPT[base])).eval()
+        model = opt_model(base.removeprefix("opt-"))
         for i, layer in enumerate(model.model.decoder.layers[: len(model.model.decoder.layers) // 2]):
-            _dead_rows(layer.fc1, 0.7 * (1 - i / (len(model.model.decoder.layers) / 2)), -1.0)
+            plant_first_rows(layer.fc1, 0.7 * (1 - i / (len(model.model.decoder.layers) / 2)), -1.0)
         batches = [{"input_ids": torch.randint(0, 50272, (n, size), generator=g),
                     "attention_mask": torch.ones(n, size, dtype=torch.long)}]
         return model, batches
@@ -102,15 +103,13 @@ def build(name: str):
 
         model = timm.create_model(base, num_classes=1000).eval()
         for block in model.blocks[::2]:
-            _dead_rows(block.mlp.fc1, 0.5, -10.0)
+            plant_first_rows(block.mlp.fc1, 0.5, -10.0)
     else:
-        import torchvision
-
         model = getattr(torchvision.models, base)().eval()
         if hasattr(model, "features") and base.startswith("swin"):
             for stage in model.features[1::2]:
                 for block in stage:
-                    _dead_rows(block.mlp[0], 0.5, -10.0)
+                    plant_first_rows(block.mlp[0], 0.5, -10.0)
         else:
             bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
             for bn in bns[1::4]:
@@ -120,18 +119,7 @@ def build(name: str):
     return model, [torch.randn(n, 3, size, size, generator=g)]
 
 
-def _dead_rows(linear: torch.nn.Linear, fraction: float, bias: float) -> None:
-    k = int(linear.out_features * fraction)
-    with torch.no_grad():
-        linear.weight[:k] = 0.0
-        linear.bias[:k] = bias
-
-
 def measure_one(name: str, profile: bool = False) -> dict:
-    import egp_fx
-    from egp_fx.ir.copying import tensor_bytes
-    from egp_fx.pipeline.measures import compute_nodes
-
     model, batches = build(name)
     with torch.no_grad():
         for b in batches:
@@ -216,6 +204,7 @@ def main() -> None:
     ap.add_argument("--profile", nargs="*", default=[], help="models to profile (cProfile)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
+    add_results_arg(ap)
     args = ap.parse_args()
     if args.child:
         torch.set_num_threads(torch.get_num_threads())
@@ -265,8 +254,8 @@ def main() -> None:
             lines += ["", f"## Where the time goes: {r['model']} (cProfile, cumulative)", "",
                       "```", r["profile"].strip(), "```"]
     stem = "scaling" if not args.only else "scaling_part"
-    write(stem, {**meta, "rows": rows}, "\n".join(lines) + "\n")
-    _plot(rows, RESULTS / f"{stem}.png")
+    write(stem, {**meta, "rows": rows}, "\n".join(lines) + "\n", args.results)
+    _plot(rows, args.results / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Case 2: ViT-tiny with planted dead / linear MLP units, before and after egp_fx.compress.
 
-Variants (see _cases.py): "dead" (3/4 of the MLP hidden units dead in every other block) and
+Variants (egp_fx.testing.planted.vit_planted): "dead" (3/4 of the MLP hidden units dead in every other block) and
 "linear" (every MLP hidden unit in the identity region of GELU, so fc2 o fc1 folds). For each,
 the planted model ("original"), the same model traced by egp_fx without rewrites ("traced": a
 control, since timm's code and a traced graph export to different ONNX graphs) and the
@@ -15,24 +15,24 @@ import argparse
 import logging
 import time
 
-import _cases
 import torch
-from _common import add_run_args, header, setup_logging, write
+from _common import add_run_args, compressor, header, setup_logging, write
+from _results import by_batch, plain_runs, table
 
 from egp_fx.bench import benchmark
 from egp_fx.capture import trace
+from egp_fx.testing.planted import VIT_NAME, images, vit_planted
 
 log = logging.getLogger("bench_transformer")
 
 
 def run_variant(kind: str, args, compress) -> dict:
-    planted = _cases.vit_planted(kind, seed=args.seed, img_size=args.img_size)
-    calib = _cases.calibration(args.calib_batches, args.calib_batch_size, args.img_size,
-                               seed=args.seed + 1)
+    planted = vit_planted(kind, seed=args.seed, img_size=args.img_size)
+    calib = images(args.calib_batches, args.calib_batch_size, args.img_size, seed=args.seed + 1)
     start = time.perf_counter()
     compressed = compress(planted, calib)
     seconds = time.perf_counter() - start
-    held_out = _cases.calibration(1, 4, args.img_size, seed=args.seed + 100)[0]
+    held_out = images(1, 4, args.img_size, seed=args.seed + 100)[0]
     with torch.no_grad():
         want = planted(held_out)
         error = float((compressed(held_out) - want).abs().max() / want.abs().max())
@@ -47,22 +47,20 @@ def run_variant(kind: str, args, compress) -> dict:
 
 
 def summary(runs: list[dict]) -> str:
-    lines = ["| variant | batch | original ms | traced ms | compressed ms | speedup vs original "
-             "| vs traced | GFLOPs before -> after | params before -> after "
-             "| layers on longest path |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    cells = []
     for run in runs:
-        rows = run["result"].rows
-        for batch in sorted({r.batch_size for r in rows}):
-            o, t, c = (next(r for r in rows if r.batch_size == batch and r.model == m)
-                       for m in ("original", "traced", "compressed"))
-            lines.append(f"| {run['variant']} | {batch} | {o.median_ms:.3f} | {t.median_ms:.3f} | "
-                         f"{c.median_ms:.3f} | {c.speedup:.3f}x | "
-                         f"{t.median_ms / c.median_ms:.3f}x | "
-                         f"{o.flops / 1e9:.3f} -> {c.flops / 1e9:.3f} | "
-                         f"{o.params:,} -> {c.params:,} | {o.layers_on_longest_path} -> "
-                         f"{c.layers_on_longest_path} |")
-    return "\n".join(lines) + "\n"
+        for batch, row in by_batch(run["result"]):
+            o, t, c = row["original"], row["traced"], row["compressed"]
+            cells.append([run["variant"], batch, f"{o.median_ms:.3f}", f"{t.median_ms:.3f}",
+                          f"{c.median_ms:.3f}", f"{c.speedup:.3f}x",
+                          f"{t.median_ms / c.median_ms:.3f}x",
+                          f"{o.flops / 1e9:.3f} -> {c.flops / 1e9:.3f}",
+                          f"{o.params:,} -> {c.params:,}",
+                          f"{o.layers_on_longest_path} -> {c.layers_on_longest_path}"])
+    head = ["variant", "batch", "original ms", "traced ms", "compressed ms",
+            "speedup vs original", "vs traced", "GFLOPs before -> after",
+            "params before -> after", "layers on longest path"]
+    return "\n".join(table("lrrrrrrlll", head, cells)) + "\n"
 
 
 def main() -> None:
@@ -74,8 +72,8 @@ def main() -> None:
         args.batch_sizes, args.repeats, args.warmup, args.img_size = [1], 2, 1, 64
         args.calib_batches, args.calib_batch_size = 1, 2
     setup_logging()
-    compress = _cases.compressor(args.stand_in)
-    head, meta = header(f"{_cases.VIT_NAME} with planted MLP units: before and after egp_fx "
+    compress = compressor(args.stand_in)
+    head, meta = header(f"{VIT_NAME} with planted MLP units: before and after egp_fx "
                         "(onnxruntime CPU)", args.threads)
     runs = [run_variant(kind, args, compress) for kind in args.variants]
     summary_md = summary(runs)
@@ -92,9 +90,8 @@ def main() -> None:
     if args.quick:
         return
     payload = {**meta, "stand_in": args.stand_in,
-               "runs": [{**{k: v for k, v in run.items() if k != "result"},
-                         **run["result"].to_dict()} for run in runs]}
-    write("transformer_cpu", payload, "\n".join(parts))
+               "runs": plain_runs(runs)}
+    write("transformer_cpu", payload, "\n".join(parts), args.results)
 
 
 if __name__ == "__main__":

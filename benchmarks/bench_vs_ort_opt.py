@@ -17,14 +17,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import _cases
 import onnx
 import torch
-from _common import add_run_args, header, setup_logging, write
+from _common import add_run_args, compressor, header, setup_logging, write
 
 from egp_fx.bench import benchmark
 from egp_fx.deploy.onnx import export_onnx
 from egp_fx.pipeline.measures import measure
+from egp_fx.testing.planted import images, resnet18_planted, vit_planted
 
 log = logging.getLogger("bench_vs_ort_opt")
 
@@ -46,11 +46,11 @@ def node_counts(path: Path) -> dict:
 
 def build(case: str, args, compress) -> tuple[torch.nn.Module, torch.nn.Module, int]:
     if case == "resnet18-k4":
-        planted, size = _cases.resnet18_planted(4, seed=args.seed), 224
+        planted, size = resnet18_planted(4, seed=args.seed), 224
     else:
-        planted, size = _cases.vit_planted("dead", seed=args.seed, img_size=args.img_size), \
+        planted, size = vit_planted("dead", seed=args.seed, img_size=args.img_size), \
             args.img_size
-    calib = _cases.calibration(args.calib_batches, args.calib_batch_size, size, seed=args.seed + 1)
+    calib = images(args.calib_batches, args.calib_batch_size, size, seed=args.seed + 1)
     return planted, compress(planted, calib), size
 
 
@@ -105,7 +105,7 @@ def main() -> None:
         args.cases, args.batch_sizes, args.repeats, args.warmup = ["vit-dead"], [1], 2, 1
         args.img_size, args.calib_batches, args.calib_batch_size = 64, 1, 2
     setup_logging()
-    compress = _cases.compressor(args.stand_in)
+    compress = compressor(args.stand_in)
     try:
         import onnxslim
         slim_version = onnxslim.__version__
@@ -126,7 +126,7 @@ def main() -> None:
                "runs": [{"case": r["case"], "graphs": r["graphs"], "measures": r["measures"],
                          "results": {lvl: res.to_dict() for lvl, res in r["results"].items()}}
                         for r in runs]}
-    write("vs_ort_opt_cpu", payload, markdown)
+    write("vs_ort_opt_cpu", payload, markdown, args.results)
 
 
 if __name__ == "__main__":

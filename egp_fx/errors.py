@@ -50,6 +50,10 @@ class ExportError(EGPError):
     """ONNX export failed or the exported file does not reproduce the model; no file is left."""
 
 
+class ParityError(ExportError):
+    """onnxruntime and torch disagree on an exported file beyond the tolerance."""
+
+
 class SaveError(EGPError):
     """A compressed model could not be saved or loaded."""
 

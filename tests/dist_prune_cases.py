@@ -1,6 +1,6 @@
-"""What the ranks of the multi-process prune tests run (spawn_ranks.run_ranks), and the shared
-inputs: a small network on the shipped digits, DistributedSampler shares, and the one-process
-references the parent builds the same way.
+"""What the ranks of the multi-process prune tests run (spawn_ranks.run_ranks), and the
+one-process references the parent builds the same way; the small network on the shipped digits
+and the DistributedSampler shares come from egp_fx.testing.ranks.
 """
 from __future__ import annotations
 
@@ -10,60 +10,9 @@ from pathlib import Path
 
 import torch
 from dist_cases import _attempt
-from torch import nn
 
 from egp_fx.distributed import exchange
-
-PRUNE_TRAIN, PRUNE_VAL, RANK_BATCH = 256, 120, 16
-
-
-class TinyNet(nn.Module):
-    """Two prunable convs and a classifier. Without BatchNorm one step of DDP over the ranks'
-    batches equals one step of one process over the global batch, up to float rounding; with
-    it (`batchnorm`), each rank's running statistics follow its own batches."""
-
-    def __init__(self, batchnorm: bool = False):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8) if batchnorm else nn.Identity()
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.relu2 = nn.ReLU()
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.fc(self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x))))).mean((2, 3)))
-
-
-def tiny_net(seed: int = 0, batchnorm: bool = False) -> TinyNet:
-    torch.manual_seed(seed)
-    return TinyNet(batchnorm)
-
-
-def digits_loaders(world: int, rank: int, batch: int, *, train: int = PRUNE_TRAIN,
-                   val: int = PRUNE_VAL, size: int = 8, seed: int = 0):
-    """(train loader through a DistributedSampler of `world` replicas, validation loader: all of
-    it on every rank) over the first images of the shipped digits."""
-    from torch.utils.data import DataLoader, DistributedSampler, Subset  # noqa: PLC0415
-
-    from egp_fx.pruning.datasets import load_digits_data  # noqa: PLC0415
-
-    data = load_digits_data(size=size)
-    train_set = Subset(data.train, range(train)) if train else data.train
-    val_set = Subset(data.val, range(val)) if val else data.val
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=seed)
-    return (DataLoader(train_set, batch_size=batch, sampler=sampler),
-            DataLoader(val_set, batch_size=64))
-
-
-def pruned_of(result, names) -> dict:
-    model = result.model
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "masks": {n: model.get_submodule(n).weight.detach() != 0 for n in names},
-            "accuracy": [r.accuracy for r in result.log],
-            "sparsity": [r.sparsity for r in result.log],
-            "loss": [r.train[-1]["loss"] if r.train else None for r in result.log]}
+from egp_fx.testing.ranks import RANK_BATCH, digits_loaders, pruned_of, tiny_net
 
 
 def prune_cases(rank: int, world: int, folder: str) -> dict:

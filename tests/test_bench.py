@@ -179,14 +179,15 @@ def test_bad_arguments():
 
 @pytest.mark.slow
 def test_gpu_script_quick_run_on_cpu(tmp_path):
-    """benchmarks/gpu_bench.py end to end, tiny sizes: the GPU run is one shot, keep it sound."""
+    """benchmarks/bench_vision_gpu.py end to end, tiny sizes: the GPU run is one shot, keep it
+    sound."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "benchmarks/gpu_bench.py", str(tmp_path), "--device", "cpu",
-                    "--quick"], check=True, cwd=root, capture_output=True)
+    subprocess.run([sys.executable, "benchmarks/bench_vision_gpu.py", str(tmp_path), "--device",
+                    "cpu", "--quick"], check=True, cwd=root, capture_output=True)
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert data["failed"] == [] and data["not_run"] == []
     assert [run["case"] for run in data["runs"]] == ["resnet18-k2", "vit-linear"]

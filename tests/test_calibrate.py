@@ -11,17 +11,17 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from plants import (
+from torch import nn
+
+import egp_fx
+from egp_fx.errors import CalibrationError, TraceError
+from egp_fx.testing.planting import (
     fit_bn_statistics,
     plant_constant,
     plant_dead,
     plant_linear,
     realistic_bn,
 )
-from torch import nn
-
-import egp_fx
-from egp_fx.errors import CalibrationError, TraceError
 
 
 def _rows(gm):

@@ -1,4 +1,4 @@
-"""egp-fx end to end on the planted network (tests/planted_models.py), in-process through
+"""egp-fx end to end on the planted network (egp_fx/testing/planted.py), in-process through
 egp_fx.cli.app.main, plus one subprocess run of `python -m egp_fx`. Every bad input must give its
 message and its documented exit code."""
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from planted_models import WIDTH, planted_net
 from safetensors.torch import save_file
 
 from egp_fx import cli, errors
 from egp_fx.cli.data import NOISE_WARNING
+from egp_fx.testing.planted import WIDTH, planted_net
 
 TESTS = Path(__file__).resolve().parent
-FACTORY = "planted_models:planted_net"
+FACTORY = "egp_fx.testing.planted:planted_net"
 SMALL = ["--input-size", "3x16x16", "--batch-size", "8", "--num-batches", "2", "--no-progress",
          "--channel-multiple", "1"]   # the planted net is 8 wide: narrow to exact counts
 
@@ -191,7 +191,7 @@ def test_builtin_digits_dataset(capsys):
 def test_prune_refuses_labels_the_model_cannot_output(capsys):
     code, out, err = run(capsys, "prune", FACTORY, "--data", "digits", "--no-progress")
     assert code == errors.EXIT_USAGE
-    assert "labels go up to 9, but planted_models:planted_net has 4 outputs; pass --num-classes 10" in err
+    assert "labels go up to 9, but egp_fx.testing.planted:planted_net has 4 outputs; pass --num-classes 10" in err
 
 
 @pytest.mark.slow
@@ -208,8 +208,8 @@ def test_prune_then_compress_the_pruned_checkpoint(capsys, tmp_path):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    proc = subprocess.run([sys.executable, "-m", "egp_fx", "compress", "planted_models:nope",
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    proc = subprocess.run([sys.executable, "-m", "egp_fx", "compress", "egp_fx.testing.planted:nope",
                            "--data", "random", "--json"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == errors.EXIT_MODEL
@@ -219,6 +219,11 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 # ----------------------------------------------------------------------------- errors
+
+def broken_factory():
+    """A factory that returns something that is not a module."""
+    return 42
+
 
 def _bad_checkpoint(tmp_path: Path, kind: str) -> Path:
     state = planted_net().state_dict()
@@ -238,8 +243,9 @@ def _bad_checkpoint(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("argv, code, message", [
     (["compress", "resnet5O", "--data", "random"], 3, "Did you mean: resnet50"),
     (["compress", "no_such_module_xyz:f", "--data", "random"], 3, "cannot import module"),
-    (["compress", "planted_models:planted_nett", "--data", "random"], 3, "did you mean planted_net"),
-    (["compress", "planted_models:broken_factory", "--data", "random"], 3, "not a torch.nn.Module"),
+    (["compress", "egp_fx.testing.planted:planted_nett", "--data", "random"], 3,
+     "did you mean planted_net"),
+    (["compress", f"{__name__}:broken_factory", "--data", "random"], 3, "not a torch.nn.Module"),
     (["compress", FACTORY, "--data", "random"], 2, "--data random needs --input-size"),
     (["compress", FACTORY, "--data", "/no/such/dir"], 2, "no such file or folder"),
     (["compress", FACTORY, "--data", "random", "--input-size", "abc"], 2, "--input-size 'abc'"),

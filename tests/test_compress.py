@@ -8,14 +8,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from plants import (
-    fit_bn_statistics,
-    plant_constant,
-    plant_dead,
-    plant_linear,
-    plant_zero_branch,
-    realistic_bn,
-)
 from torch import nn
 
 import egp_fx
@@ -23,6 +15,14 @@ from egp_fx.deploy.onnx import export_onnx
 from egp_fx.errors import CompressError
 from egp_fx.ir.layer import Layer, layer_of
 from egp_fx.ir.ops import Ops, Role
+from egp_fx.testing.planting import (
+    fit_bn_statistics,
+    plant_constant,
+    plant_dead,
+    plant_linear,
+    plant_zero_branch,
+    realistic_bn,
+)
 
 
 def _data(n, shape, seed=0):

@@ -6,10 +6,10 @@ import copy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plants import fit_bn_statistics, plant_constant
 from torch import nn
 
 import egp_fx
+from egp_fx.testing.planting import fit_bn_statistics, plant_constant
 
 ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "leaky": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU}
 # plant -> BatchNorm output value that puts the unit in one region for every input

@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 import torchvision
-from plants import realistic_bn
 from timm.layers import (
     BatchNormAct2d,
     FrozenBatchNormAct2d,
@@ -25,6 +24,7 @@ import egp_fx
 from egp_fx.capture import COVERAGE_META_KEY, LEAF_MODULES
 from egp_fx.capture.fx_trace import WRAPPED_FUNCTIONS
 from egp_fx.capture.norm_act import NormAct, split_of
+from egp_fx.testing.planting import realistic_bn
 
 
 class Hidden(nn.Module):

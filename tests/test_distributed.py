@@ -15,15 +15,13 @@ from dist_cases import (
     HOLDOUT,
     UNEVEN,
     calibration_then_faults,
-    graph_of,
-    kinds_net,
-    planted,
-    stats_of,
     union,
 )
 from spawn_ranks import run_ranks
 
 import egp_fx
+from egp_fx.testing.planted import planted_net
+from egp_fx.testing.ranks import graph_of, kinds_net, stats_of
 
 COUNTS = ("n", "batches", "on", "low", "high")
 
@@ -99,7 +97,7 @@ def test_compressed_graphs_identical_on_both_ranks_and_to_one_process(calibrated
     assert list(a["state"]) == list(b["state"])
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
     assert a["report"] == b["report"]
-    net = planted()
+    net = planted_net()
     one = graph_of(egp_fx.compress(net, union(UNEVEN), progress=False, verify_samples=6,
                                    holdout_loader=union(HOLDOUT)))
     assert a["code"] == one["code"]

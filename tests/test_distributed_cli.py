@@ -20,10 +20,11 @@ from egp_fx.cli import commands as cli_commands
 from egp_fx.distributed import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPRESS = ["compress", "planted_models:planted_net", "--data", "random", "--input-size",
-            "3x16x16", "--num-batches", "3", "--batch-size", "8", "--no-onnx", "--json", "--no-progress"]
-PRUNE = ["prune", "dist_prune_cases:tiny_net", "--data", "digits", "--input-size", "8", "--method",
-         "imp", "--iterations", "1", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
+COMPRESS = ["compress", "egp_fx.testing.planted:planted_net", "--data", "random",
+            "--input-size", "3x16x16", "--num-batches", "3", "--batch-size", "8", "--no-onnx",
+            "--json", "--no-progress"]
+PRUNE = ["prune", "egp_fx.testing.ranks:tiny_net", "--data", "digits", "--input-size", "8",
+         "--method", "imp", "--iterations", "1", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
          "--num-batches", "4", "--json", "--no-progress"]
 
 
@@ -32,7 +33,7 @@ def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProce
     killed when it runs past `timeout`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "EGP_FX_COLLECTIVE_TIMEOUT": "60",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+           "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
            "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "egp_fx",
            *args]

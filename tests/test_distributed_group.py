@@ -7,11 +7,13 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-from dist_cases import UNEVEN, kinds_net, stats_of, union
+from dist_cases import UNEVEN, union
 
 import egp_fx
 import egp_fx.distributed as ranks
 from egp_fx.distributed import comm
+from egp_fx.testing.planted import planted_net
+from egp_fx.testing.ranks import kinds_net, stats_of
 
 
 @pytest.fixture
@@ -78,8 +80,6 @@ def test_timeout_comes_from_the_environment(monkeypatch):
 
 
 def test_inspection_writes_files_on_rank_0_only(tmp_path, monkeypatch):
-    from planted_models import planted_net
-
     small = egp_fx.compress(planted_net(), union(UNEVEN), progress=False, distributed=False)
     ins = egp_fx.inspect(small)
     monkeypatch.setattr(ranks, "is_writer", lambda: False)

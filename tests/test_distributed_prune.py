@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_prune_cases import (
-    RANK_BATCH,
     dense_digits_model,
-    digits_loaders,
     egp_round,
     egp_round_on_ranks,
     prune_cases,
-    pruned_of,
-    tiny_net,
 )
 from spawn_ranks import run_ranks
 
 from egp_fx.pruning import FinetuneConfig, prune
+from egp_fx.testing.ranks import RANK_BATCH, digits_loaders, pruned_of, tiny_net
 
 
 @pytest.fixture(scope="module")

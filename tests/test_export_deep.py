@@ -14,12 +14,17 @@ import onnx
 import pytest
 import torch
 import torchvision
-from plants import fit_bn_statistics, plant_constant, plant_dead, realistic_bn
 
 import egp_fx
 import egp_fx.deploy.onnx as export_mod
 from egp_fx.deploy.onnx import ExportError, export_onnx
 from egp_fx.deploy.parity import NOISE_FACTOR
+from egp_fx.testing.planting import (
+    fit_bn_statistics,
+    plant_constant,
+    plant_dead,
+    realistic_bn,
+)
 
 
 def resnet50() -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """egp_fx.inspect: decision table, graph diff, graph export, pictures and HTML report.
 
-Two kinds of input: the planted network run through compress (tests/planted_models.py: what is
+Two kinds of input: the planted network run through compress (egp_fx/testing/planted.py: what is
 dead or linear is known for every input), and a hand-made compression (a calibrated graph with
 nodes removed by hand and a CompressReport written by hand), which pins the inspect logic
 independently of the passes.
@@ -16,7 +16,6 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from planted_models import BLOCK_DEAD, STEM_DEAD, WIDTH, planted_net
 
 from egp_fx.calibrate.calibration import calibrate
 from egp_fx.capture import trace
@@ -36,6 +35,7 @@ from egp_fx.pipeline.report import (
     original_of,
     report_of,
 )
+from egp_fx.testing.planted import BLOCK_DEAD, STEM_DEAD, WIDTH, planted_net
 
 
 def _batches(n=3, size=16, seed=1):

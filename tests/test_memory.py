@@ -1,7 +1,9 @@
 """compress refuses, before it starts, a model it has no memory for, with the numbers."""
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
 
 import pytest
 import torch
@@ -54,6 +56,30 @@ def test_the_same_model_fits_with_one_byte_more(monkeypatch):
     assert egp_fx.report_of(gm).max_error <= 1e-5
 
 
-def test_release_free_memory_is_harmless():
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_release_free_memory_gives_freed_heap_pages_back_and_keeps_live_blocks():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        pytest.skip("not glibc: release_free_memory does nothing here")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block, count = 64 * 1024, 512          # 32 MiB in blocks below glibc's mmap threshold
+    blocks = [libc.malloc(block) for _ in range(count)]
+    assert all(blocks)
+    for p in blocks:
+        ctypes.memset(p, 1, block)         # resident
+    live = blocks.pop()                    # in use above the others: free() cannot trim them
+    for p in blocks:
+        libc.free(p)
+    before = _resident_bytes()
     release_free_memory()
-    release_free_memory()
+    given_back = before - _resident_bytes()
+    assert given_back >= count * block // 2, f"only {given_back / 2**20:.1f} MiB given back"
+    assert ctypes.string_at(live, block) == b"\x01" * block
+    libc.free(live)
+    release_free_memory()                  # nothing left to give back: still harmless

@@ -11,11 +11,12 @@ from egp_fx.cli import app as cli
 DIGITS = pytest.mark.skipif(
     not (Path(__file__).resolve().parents[1] / "egp_fx" / "data" / "digits.npz").is_file(),
     reason="egp_fx/data/digits.npz is not shipped in this checkout")
+FACTORY = "egp_fx.testing.planted:planted_net"
 
 
 @DIGITS
 def test_prune_command_options(capsys, tmp_path):
-    code = cli.main(["prune", "planted_models:planted_net", "--num-classes", "10", "--data", "digits",
+    code = cli.main(["prune", FACTORY, "--num-classes", "10", "--data", "digits",
                      "--method", "imp", "--imp-scope", "prunable", "--augment", "shift",
                      "--reinit-ablation", "--reinit-epochs", "1", "--iterations", "1", "--epochs", "1",
                      "--num-batches", "1", "--batch-size", "16", "--no-progress", "--out",
@@ -31,6 +32,6 @@ def test_prune_command_options(capsys, tmp_path):
 
 
 def test_prune_command_rejects_an_unknown_scope(capsys):
-    code = cli.main(["prune", "planted_models:planted_net", "--data", "digits", "--imp-scope", "some"])
+    code = cli.main(["prune", FACTORY, "--data", "digits", "--imp-scope", "some"])
     assert code == cli.EXIT_USAGE
     assert "argument --imp-scope: invalid choice: 'some'" in capsys.readouterr().err

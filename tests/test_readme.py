@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from planted_models import INPUT_SHAPE, planted_net
 from spawn_ranks import free_port
 
 import egp_fx
+from egp_fx.testing.planted import INPUT_SHAPE, planted_net
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)

@@ -9,7 +9,6 @@ import zipfile
 
 import pytest
 import torch
-from plants import plant_dead
 from torch import nn
 
 import egp_fx
@@ -17,6 +16,7 @@ from egp_fx.deploy.saving import INFO_FILE, REPORT_FILE, Saved
 from egp_fx.errors import SaveError
 from egp_fx.ir.copying import tensor_bytes
 from egp_fx.pipeline.report import original_of
+from egp_fx.testing.planting import plant_dead
 
 
 def planted() -> nn.Module:

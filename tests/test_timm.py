@@ -2,8 +2,9 @@
 
 The families that hid all or part of their activations inside timm's fused norm+activation
 modules (BatchNormAct2d, ...) run here as tiny members of the same model classes
-(timm_models.py), with dead units planted before every activation (plants.plant_dead_units:
-every 4th channel of the BatchNorm or layer writing its input is constant). Each must
+(timm_models.py), with dead units planted before every activation
+(egp_fx.testing.planting.plant_dead_units: every 4th channel of the BatchNorm or layer writing
+its input is constant). Each must
 - analyse every activation call that runs (a dispatch-level count on the model itself),
 - compress exactly on the calibration data (float64 check; random weights leave some units
   dead on these few samples only, so other inputs may differ),
@@ -17,12 +18,17 @@ import pytest
 import timm
 import torch
 import torchvision
-from plants import fit_bn_statistics, plant_dead_units, plant_norm_act, realistic_bn
 from timm_models import FAMILIES
 from torch import nn
 
 import egp_fx
 from egp_fx.capture.coverage import ActivationCounter
+from egp_fx.testing.planting import (
+    fit_bn_statistics,
+    plant_dead_units,
+    plant_norm_act,
+    realistic_bn,
+)
 
 
 def _data(n, side, seed=1, batch=4):

@@ -1,7 +1,7 @@
 """`make demo` / `egp-fx demo`: an EGP-pruned ResNet-18 made shallower and faster, end to end.
 
 The checkpoint shipped in egp_fx/data/ is a ResNet-18 (CIFAR stem) trained on the digits data
-that ships beside it and pruned with EGP by benchmarks/egp_experiment.py. The demo
+that ships beside it and pruned with EGP by benchmarks/make_demo_checkpoint.py. The demo
 1. loads it and the fixed validation split (360 real handwritten digits),
 2. calibrates and compresses it on training images (egp_fx.compress),
 3. checks top-1 accuracy on the held-out split before and after (they must agree),
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not DEMO_CHECKPOINT.exists():
         print(f"the demo checkpoint {DEMO_CHECKPOINT} is missing: reinstall egp_fx, or make it "
-              "with benchmarks/egp_experiment.py", file=sys.stderr)
+              "with benchmarks/make_demo_checkpoint.py", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from egp_fx.ir.batches import Batch
 from egp_fx.ir.shapes import flat_args, tracking_interpreter
 
-from .parity import ParityError
+from egp_fx.errors import ParityError
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from egp_fx.errors import ParityError
 from egp_fx.ir.batches import Batch
 from egp_fx.ir.compare import Mismatch, compare
-
-
-class ParityError(Exception):
-    """onnxruntime and torch disagree beyond the tolerance."""
-
 
 NOISE_FACTOR = 10.0
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import PruneError
+from egp_fx.errors import PruneError
 
 ROUNDINGS = ("largest_remainder", "truncate")
 

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from egp_fx.errors import PruneError
 from egp_fx.ir.batches import batch_input
-
-from .errors import PruneError
 
 
 @dataclass(frozen=True)

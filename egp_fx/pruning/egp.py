@@ -35,11 +35,11 @@ from egp_fx import distributed as ranks
 from egp_fx.calibrate.calibration import calibrate
 from egp_fx.capture import trace
 from egp_fx.distributed import training as across
+from egp_fx.errors import PruneError
 from egp_fx.ir.batches import batch_label
 
 from .allocation import allocate
 from .augment import Augment, AugmentedLoader
-from .errors import PruneError
 from .imp import global_magnitude_prune
 from .layers import (
     PrunableLayer,

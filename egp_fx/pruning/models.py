@@ -112,5 +112,5 @@ def load_model(weights_path: str | Path, config_path: str | Path) -> tuple[ResNe
 
 
 def load_demo_model() -> tuple[ResNetCifar, dict]:
-    """The EGP-pruned ResNet-18 shipped for the demo (see benchmarks/egp_experiment.py)."""
+    """The EGP-pruned ResNet-18 shipped for the demo (see benchmarks/make_demo_checkpoint.py)."""
     return load_model(DEMO_CHECKPOINT, DEMO_CONFIG)

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from egp_fx.deploy.saving import save_weights
-
-from .errors import PruneError
+from egp_fx.errors import PruneError
 
 LOG_NAME = "log.json"
 REINIT_NAME = "reinit.safetensors"

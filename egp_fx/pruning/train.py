@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from egp_fx import distributed as ranks
 from egp_fx.distributed import training as across
+from egp_fx.errors import PruneError
 from egp_fx.ir.batches import batch_input, batch_label
 
-from .errors import PruneError
 from .layers import apply_masks
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Language models on the GPU: does compress pay where tensor cores set the widths?
 
 OPT-125m architecture (random init, dead FFN units planted after the published profile, see
-_llm_cases.py). Models, all in fp16 on one GPU:
+egp_fx.testing.planted). Models, all in fp16 on one GPU:
   original            the Hugging Face model
   graph-cuda          egp_fx.compress(target="cuda"): the captured graph, widths a multiple
                       of 64
@@ -20,8 +20,8 @@ median of `repeats` calls, each ended by torch.cuda.synchronize(). Speed-ups are
 original in the same cell (the Hugging Face model under the same variant).
 Also recorded: peak extra CUDA memory of compress(device="cuda") against the weights.
 
-    python benchmarks/gpu_llm.py --out results/gpu_llm            # on a GPU machine
-    python benchmarks/gpu_llm.py --device cpu --quick              # a smoke run
+    python benchmarks/bench_llm_gpu.py --out results/gpu_llm        # on a GPU machine
+    python benchmarks/bench_llm_gpu.py --device cpu --quick          # a smoke run
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ import statistics
 import time
 from pathlib import Path
 
-import _llm_cases as cases
 import torch
 from _common import header, setup_logging
 
 import egp_fx
+from egp_fx.testing.planted import OPT_FFN, llm_oracle, observed_dead, opt, tokens
 
-log = logging.getLogger("gpu_llm")
+log = logging.getLogger("bench_llm_gpu")
 MODELS = ("graph-cuda", "model-cuda", "model-cpu16", "model-timed", "oracle-exact", "oracle-64",
           "oracle-128")
 
@@ -107,8 +107,8 @@ def main() -> None:
     if args.quick:
         args.batch_sizes, args.seq, args.repeats, args.warmup = [1], 16, 3, 1
     dev = args.device
-    model, dead = cases.opt(args.size)
-    calib = cases.tokens(50272, 2, 4, args.seq, seed=1)
+    model, dead = opt(args.size)
+    calib = tokens(50272, 2, 4, args.seq, seed=1)
     t0 = time.perf_counter()
     want = set(args.models)
     models = {"original": model}
@@ -135,10 +135,10 @@ def main() -> None:
         widths["model-timed"] = _widths(timed)
         model = gpu_model.cpu()
     compress_s = time.perf_counter() - t0
-    never = cases.observed_dead("opt-125m", model, calib)   # planted + never fired on calib
+    never = observed_dead(OPT_FFN, model, calib)   # planted + never fired on calib
     for name, multiple in (("oracle-exact", None), ("oracle-64", 64), ("oracle-128", 128)):
         if name in want:
-            models[name] = cases.opt_oracle(model, never, multiple=multiple or 1)
+            models[name] = llm_oracle(OPT_FFN, model, never, multiple=multiple or 1)
     models = {n: m for n, m in models.items() if n == "original" or n in want}
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     for name in list(models):
@@ -156,7 +156,7 @@ def main() -> None:
                 log.warning("%s batch %d not run: time budget of %.0f s reached",
                             variant, bs, args.time_budget)
                 continue
-            batch = cases.tokens(50272, 1, bs, args.seq, seed=7)[0]
+            batch = tokens(50272, 1, bs, args.seq, seed=7)[0]
             if compiled:    # each cell compiles afresh for its static shape (no recompile limit)
                 torch._dynamo.reset()
             times = _cell(timed_models, batch, dev, compiled, args.repeats, args.warmup)

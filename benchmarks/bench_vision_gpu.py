@@ -4,12 +4,12 @@ torch fp16 eager, CUDA graphs and torch.compile, batch 1 and 32, against a fair 
 One prepared command for a GPU machine (torch >= 2.11, torchvision, timm, onnx; no network;
 egp_fx from the repository with PYTHONPATH=. or `pip install --no-deps -e .`):
 
-    PYTHONPATH=. python benchmarks/gpu_bench.py "$OUT"        # OUT/gpu_bench.{json,md}
-    PYTHONPATH=. python benchmarks/gpu_bench.py /tmp/g --device cpu --quick   # check it here
+    PYTHONPATH=. python benchmarks/bench_vision_gpu.py "$OUT"     # OUT/gpu_bench.{json,md}
+    PYTHONPATH=. python benchmarks/bench_vision_gpu.py /tmp/g --device cpu --quick   # check it here
 
 For each case the planted model ("original"), its egp_fx.compress output ("compressed",
 compressed on the CPU) and, for ResNet-18, the oracle (dead blocks replaced by nn.Identity,
-_cases.py) are timed interleaved by egp_fx.benchmark on backend torch-cuda. The baseline of every
+egp_fx.testing.planted) are timed interleaved by egp_fx.benchmark on backend torch-cuda. The baseline of every
 speedup is the original as a user would deploy it: a copy with its BatchNorm folded
 (torch.fx.experimental.optimization.fuse); every model is prepared the same way, and each row
 says how. Variants: "fp16" (eager), "fp16+cudagraph" (captured by hand, one replay per call) and
@@ -25,20 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from _common import add_run_args, compressor, header, setup_logging
+from _results import plain_runs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _cases  # noqa: E402
-from _common import add_run_args, header, setup_logging  # noqa: E402
+from egp_fx.bench import benchmark
+from egp_fx.testing.planted import images, resnet18_oracle, resnet18_planted, vit_planted
 
-from egp_fx.bench import benchmark  # noqa: E402
-
-log = logging.getLogger("gpu_bench")
+log = logging.getLogger("bench_vision_gpu")
 BASELINE = ("Baseline of every speedup: the original with its BatchNorm folded "
             "(torch.fx.experimental.optimization.fuse on a copy), same variant and batch size; "
             "the baseline column names it, and 'Prepared as' says how each model ran.")
@@ -53,20 +51,19 @@ def plan(args) -> list[tuple[str, dict]]:
 
 def build(spec: dict, args) -> dict[str, torch.nn.Module]:
     if spec["kind"] == "resnet":
-        planted = _cases.resnet18_planted(spec["k"], seed=args.seed)
-        extra = {"oracle": _cases.resnet18_oracle(planted, spec["k"])}
+        planted = resnet18_planted(spec["k"], seed=args.seed)
+        extra = {"oracle": resnet18_oracle(planted, spec["k"])}
     else:
-        planted = _cases.vit_planted(spec["variant"], seed=args.seed, img_size=args.img_size)
+        planted = vit_planted(spec["variant"], seed=args.seed, img_size=args.img_size)
         extra = {}
-    calib = _cases.calibration(args.calib_batches, args.calib_batch_size, args.img_size,
-                               seed=args.seed + 1)
-    compressed = _cases.compressor(args.stand_in, args.target)(planted, calib)
+    calib = images(args.calib_batches, args.calib_batch_size, args.img_size, seed=args.seed + 1)
+    compressed = compressor(args.stand_in, args.target)(planted, calib)
     return {"original": planted, "compressed": compressed, **extra}
 
 
 def fp32_error(models: dict, args, device: str) -> dict[str, float]:
     """max |model - original| in fp32 on the device (TF32 convs on recent GPUs: ~1e-3)."""
-    x = _cases.calibration(1, 2, args.img_size, seed=args.seed + 100)[0].to(device)
+    x = images(1, 2, args.img_size, seed=args.seed + 100)[0].to(device)
     with torch.no_grad():
         outs = {n: m.to(device)(x).float().cpu() for n, m in models.items()}
     for m in models.values():
@@ -127,8 +124,7 @@ def write(out: Path, head: str, meta: dict, done: list[dict], failed: list[dict]
     parts += [f"\n## {f['case']}: FAILED\n\n```\n{f['error']}\n```\n" for f in failed]
     (out / "gpu_bench.md").write_text("\n".join(parts))
     payload = {**meta, "baseline": BASELINE, "failed": failed, "not_run": left_out,
-               "runs": [{**{k: v for k, v in r.items() if k != "result"},
-                         **r["result"].to_dict()} for r in done]}
+               "runs": plain_runs(done)}
     (out / "gpu_bench.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -146,7 +142,7 @@ def parse(argv=None) -> argparse.Namespace:
                         help="torch variants (default: fp16, fp16+cudagraph, fp16+compile on "
                         "cuda; fp32, fp32+compile on cpu)")
     add_run_args(parser, batch_sizes=(1, 32), repeats=100, warmup=20, calib_batches=4,
-                 threads=False, quick=False)
+                 threads=False, quick=False, results=False)
     parser.add_argument("--target", default=None,
                         help="compress target (default: cuda on --device cuda, ort-cpu on cpu)")
     parser.add_argument("--time-budget", type=float, default=480.0,

@@ -1,8 +1,8 @@
 """A self-checking run of egp_fx across ranks, for GPU machines (NCCL) and CPUs (gloo).
 
-    torchrun --nproc_per_node N benchmarks/distributed_check.py --device cuda [--out check.json]
-    torchrun --nproc_per_node 2 benchmarks/distributed_check.py --device cpu
-    torchrun --nproc_per_node 2 benchmarks/distributed_check.py --device cuda:0 --backend gloo
+    torchrun --nproc_per_node N benchmarks/check_distributed.py --device cuda [--out check.json]
+    torchrun --nproc_per_node 2 benchmarks/check_distributed.py --device cpu
+    torchrun --nproc_per_node 2 benchmarks/check_distributed.py --device cuda:0 --backend gloo
         (two ranks on one GPU: gloo reduces the statistics on the CPU)
 
 Every rank calibrates and compresses on its own shard (whole batches dealt in turn, uneven when
@@ -14,7 +14,8 @@ printed by rank 0 as PASS or FAIL with its numbers:
                 one process's on the union
     prune       one IMP round of one epoch under DDP: weights and masks the same on every rank
     backend     (NCCL only) calibrating on the CPU in an NCCL group is a DistributedError
-The exit code is 1 when a check fails. The models and data come from tests/dist_cases.py and tests/dist_prune_cases.py.
+The exit code is 1 when a check fails. The models and data come from egp_fx.testing (ranks.py,
+planted.py).
 """
 from __future__ import annotations
 
@@ -25,15 +26,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import dist_cases as cases  # noqa: E402
-import dist_prune_cases as prune_cases  # noqa: E402
-
-import egp_fx  # noqa: E402
-from egp_fx.distributed import exchange, launch, rank, world_size  # noqa: E402
-from egp_fx.distributed.training import digest  # noqa: E402
+import egp_fx
+from egp_fx.distributed import exchange, launch, rank, world_size
+from egp_fx.distributed.training import digest
+from egp_fx.pruning import FinetuneConfig, prune
+from egp_fx.testing import ranks
+from egp_fx.testing.planted import planted_net
 
 SIZES = [5, 3, 4, 6, 2]
 
@@ -64,7 +62,7 @@ def main() -> int:
     launch.setup(args.device)
     device = launch.rank_device(args.device)
     me, world = rank(), world_size()
-    every = cases.batches(SIZES)
+    every = ranks.batches(SIZES)
     mine = [b.to(device) for b in every[me::world]]
     union = [b.to(device) for r in range(world) for b in every[r::world]]
     results = {"world": world, "backend": str(torch.distributed.get_backend()),
@@ -75,15 +73,15 @@ def main() -> int:
         if me == 0:
             print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
 
-    model = cases.kinds_net().to(device)
-    got = cases.stats_of(egp_fx.calibrate(model, mine, progress=False, device=device))
-    want = cases.stats_of(egp_fx.calibrate(model, union, progress=False, device=device,
+    model = ranks.kinds_net().to(device)
+    got = ranks.stats_of(egp_fx.calibrate(model, mine, progress=False, device=device))
+    want = ranks.stats_of(egp_fx.calibrate(model, union, progress=False, device=device,
                                            distributed=False))
     check("stats", *_same_stats(got, want))
 
-    net = cases.planted().to(device)
-    small = cases.graph_of(egp_fx.compress(net, mine, progress=False, device=device))
-    one = cases.graph_of(egp_fx.compress(net, union, progress=False, device=device,
+    net = planted_net().to(device)
+    small = ranks.graph_of(egp_fx.compress(net, mine, progress=False, device=device))
+    one = ranks.graph_of(egp_fx.compress(net, union, progress=False, device=device,
                                          distributed=False))
     mark = digest(small["state"]) + small["code"]
     same = len(set(exchange(mark, "check: compressed graphs"))) == 1
@@ -93,19 +91,18 @@ def main() -> int:
           f"{small['code'] == one['code'] and digest(small['state']) == digest(one['state'])}; "
           f"max error {small['report']['max_error']:.3g}")
 
-    from egp_fx.pruning import FinetuneConfig, prune  # noqa: PLC0415
-    train, val = prune_cases.digits_loaders(world, me, prune_cases.RANK_BATCH)
-    result = prune(prune_cases.tiny_net(me), train, method="imp", iterations=1, val_loader=val,
+    train, val = ranks.digits_loaders(world, me, ranks.RANK_BATCH)
+    result = prune(ranks.tiny_net(me), train, method="imp", iterations=1, val_loader=val,
                    finetune=FinetuneConfig(epochs=1, lr=0.05, device=device),
                    measure_compress=False, progress=False)
-    pruned = prune_cases.pruned_of(result, ["conv1", "conv2", "fc"])
+    pruned = ranks.pruned_of(result, ["conv1", "conv2", "fc"])
     marks = exchange(digest(pruned["state"]) + digest(pruned["masks"]), "check: pruned")
     check("prune", len(set(marks)) == 1, f"accuracy {pruned['accuracy']}, sparsity "
           f"{pruned['sparsity'][-1]:.3f}, identical on all {world} ranks: {len(set(marks)) == 1}")
 
     if results["backend"] == "nccl":
         try:
-            egp_fx.calibrate(cases.kinds_net(), [b.cpu() for b in mine], progress=False,
+            egp_fx.calibrate(ranks.kinds_net(), [b.cpu() for b in mine], progress=False,
                              device="cpu")
             check("backend", False, "calibrating on the CPU in an NCCL group did not fail")
         except egp_fx.DistributedError as err:

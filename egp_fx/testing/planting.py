@@ -1,12 +1,25 @@
 """Planting ground truth with parameters, so that it holds for every input.
 
-BatchNorm in eval mode computes gamma * xhat + beta; with gamma_c = 0 channel c outputs beta_c
-whatever the input. beta_c < 0 makes a following ReLU dead, beta_c > 0 keeps it ON (linear).
+BatchNorm in eval mode computes gamma * (x - mean) / sqrt(var + eps) + beta; with gamma_c = 0
+channel c outputs beta_c whatever the input. beta_c < 0 makes a following ReLU dead, beta_c > 0
+keeps it ON (linear). A Linear row with weight 0 outputs its bias for every input: a bias below
+an activation's margin (GELU -5.5, SiLU -20) makes that unit dead too.
+
+A "cancelling" BatchNorm has beta = gamma * mean / sqrt(var + eps) + shift, so that bn(0) is
+`shift` in real arithmetic; beta is computed in float32, so with shift 0 bn(0) is a rounding
+residue of about 1e-7, as in a trained network whose branch collapsed.
 """
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch import nn
+
+from egp_fx.capture import trace
+from egp_fx.ir.activations import region_spec
+from egp_fx.ir.layer import layer_of
+from egp_fx.ir.norm import norm_of
+from egp_fx.ir.ops import Ops, Role, main_input
 
 
 def realistic_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -47,6 +60,39 @@ def plant_zero_branch(block) -> None:
     plant_constant(block.bn2, range(block.bn2.num_features), 0.0)
 
 
+def cancelling(bn: nn.BatchNorm2d, seed: int, shift: float = 0.0) -> None:
+    """Random statistics and weight, and beta such that bn(0) is `shift` in real arithmetic (a
+    float32 rounding residue when `shift` is 0; see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    c = bn.num_features
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.copy_(bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps) + shift)
+
+
+@torch.no_grad()
+def plant_rows(linear: nn.Linear, fraction: float, bias: float,
+               g: torch.Generator) -> list[int]:
+    """Zero `fraction` of the rows (units) of `linear`, chosen at random, their bias `bias`;
+    the indices planted, sorted."""
+    n = linear.out_features
+    dead = sorted(torch.randperm(n, generator=g)[: int(round(fraction * n))].tolist())
+    linear.weight[dead] = 0.0
+    if linear.bias is not None:
+        linear.bias[dead] = bias
+    return dead
+
+
+@torch.no_grad()
+def plant_first_rows(linear: nn.Linear, fraction: float, bias: float) -> None:
+    """The first int(fraction * out_features) rows of `linear`: weight 0, bias `bias`."""
+    k = int(linear.out_features * fraction)
+    linear.weight[:k] = 0.0
+    linear.bias[:k] = bias
+
+
 @torch.no_grad()
 def fit_bn_statistics(model: nn.Module, batches, only_norms: bool = False) -> nn.Module:
     """Set every BatchNorm's running statistics to the data's (as training would), in place.
@@ -83,12 +129,6 @@ def _targets(gm, node, ops, depth=0):
     """(scale, shift, path) of every BatchNorm / conv / linear whose channels, made constant,
     make `node`'s output constant per channel; None when some operand cannot be planted.
     Looks through eval-mode no-ops, reshapes and sums."""
-    import torch.fx as fx
-
-    from egp_fx.ir.layer import layer_of
-    from egp_fx.ir.norm import norm_of
-    from egp_fx.ir.ops import Role, main_input
-
     if not isinstance(node, fx.Node) or depth > 8:
         return None
     role = ops(node).role
@@ -119,11 +159,7 @@ def plant_dead_units(model: nn.Module, example, fraction: int = 4,
     -5.5), SiLU (below -20) and hardswish (below -3); 0 for leaky_relu and hardtanh, whose low
     region is not zero, and for a layer without a bias (every kind maps 0 to 0).
     """
-    import egp_fx
-    from egp_fx.ir.activations import region_spec
-    from egp_fx.ir.ops import Ops, main_input
-
-    gm = egp_fx.trace(model, example, capture=capture)
+    gm = trace(model, example, capture=capture)
     ops = Ops(gm)
     planted, done = [], set()
     for node in gm.graph.nodes:

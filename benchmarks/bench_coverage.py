@@ -1,7 +1,8 @@
 """Coverage of torchvision and timm: what egp_fx sees, and whether compress is exact, per model.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coverage.py [--timeout 600] [--max-params 1e8]
-        [--only timm|torchvision] [--models NAME ...] [--out coverage] [--resume] [--render]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_coverage.py [--timeout 600]
+        [--max-params 1e8] [--only timm|torchvision] [--models NAME ...] [--out coverage]
+        [--results DIR] [--resume] [--render]
 
 Every torchvision classification model, and one model of every timm family that builds offline
 (timm.list_models() grouped by the module each model comes from: the one with the fewest
@@ -9,9 +10,10 @@ parameters, at most --max-params, test_* models left out). Each runs in a worker
 time limit (_coverage_case.py says what a row measures). A model is *fully covered* when every
 activation call that runs is analysed, compress is exact on the calibration data (float64
 relative error <= 1e-5), the planted dead units shrink the model, and the compressed model
-exports to ONNX with onnxruntime parity. Writes results/<out>.md and results/<out>.json;
-results/<out>.partial.json holds the rows measured so far, and --resume keeps them and measures
-only the models (timm: families) they lack; --render rewrites the markdown from the JSON.
+exports to ONNX with onnxruntime parity. Writes results/<out>.md and results/<out>.json (or in
+--results DIR); results/<out>.partial.json holds the rows measured so far, and --resume keeps
+them and measures only the models (timm: families) they lack; --render rewrites the markdown
+from the JSON.
 """
 from __future__ import annotations
 
@@ -19,15 +21,12 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, header, header_of, setup_logging, write  # noqa: E402
-from _coverage_case import pick, run_case  # noqa: E402
+from _common import add_results_arg, header, header_of, setup_logging, write
+from _coverage_case import pick, run_case
 
-log = logging.getLogger("coverage")
+log = logging.getLogger("bench_coverage")
 TITLE = "Coverage: torchvision and timm, planted dead units, random weights"
 
 
@@ -189,16 +188,19 @@ def main() -> None:
     ap.add_argument("--out", default="coverage")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of results/<out>.partial.json, measure the rest")
+    add_results_arg(ap)
     ap.add_argument("--render", action="store_true",
                     help="only rewrite results/<out>.md from results/<out>.json")
     args = ap.parse_args()
     setup_logging()
     if args.render:
-        payload = json.loads((RESULTS / f"{args.out}.json").read_text())
-        (RESULTS / f"{args.out}.md").write_text(markdown(payload["rows"], header_of(TITLE, payload)))
+        payload = json.loads((args.results / f"{args.out}.json").read_text())
+        (args.results / f"{args.out}.md").write_text(
+            markdown(payload["rows"], header_of(TITLE, payload)))
         return
     head, meta = header(TITLE, 1)
-    partial = RESULTS / f"{args.out}.partial.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    partial = args.results / f"{args.out}.partial.json"
     rows = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     if rows:
         log.info("resuming: %d rows kept from %s", len(rows), partial.name)
@@ -213,8 +215,8 @@ def main() -> None:
             partial.write_text(json.dumps(rows, indent=1, default=str))
     finally:
         workers.close()
-    write(args.out, {**meta, "rows": rows}, markdown(rows, head))
-    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
+    write(args.out, {**meta, "rows": rows}, markdown(rows, head), args.results)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

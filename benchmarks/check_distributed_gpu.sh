@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of egp_fx across processes (NCCL), in one short run from the repository root:
 #
-#     bash benchmarks/gpu_distributed.sh [OUT_DIR]        (PYTHON=... picks the interpreter)
+#     bash benchmarks/check_distributed_gpu.sh [OUT_DIR]   (PYTHON=... picks the interpreter)
 #
 # N = the number of GPUs (NCCL needs one per process). Each step is bounded in time, prints
 # what it checks, and leaves its output in OUT_DIR:
-#   1. benchmarks/distributed_check.py on N ranks with NCCL: statistics equal one process's on
+#   1. benchmarks/check_distributed.py on N ranks with NCCL: statistics equal one process's on
 #      the union, identical compressed graphs, identical weights and masks after a DDP round,
 #      and the clear error for CPU data in an NCCL group; with one GPU, also 2 ranks sharing it
 #      over gloo (statistics reduced on the CPU)
@@ -16,7 +16,7 @@ set -u
 PY=${PYTHON:-python3}
 OUT=${1:-gpu_distributed_out}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 \
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 \
        GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo PYTHONUNBUFFERED=1
 if [ "${DEVICE:-cuda}" = cpu ]; then
     N=2 DEV=cpu DEV0=cpu BACKEND=gloo
@@ -37,17 +37,17 @@ step() {   # step NAME SECONDS COMMAND...: run, keep stdout/stderr, report the e
   torch.cuda.device_count())"; } | tee "$OUT/machine.txt"
 
 step check_$BACKEND 240 "${TR[@]}" --master_port "$(port)" --nproc_per_node "$N" \
-    benchmarks/distributed_check.py --device $DEV --out "$OUT/check_$BACKEND.json"
+    benchmarks/check_distributed.py --device $DEV --out "$OUT/check_$BACKEND.json"
 if [ "$N" -eq 1 ] && [ $DEV = cuda ]; then
-    step check_gloo_one_gpu 240 "${TR[@]}" --master_port "$(port)" --nproc_per_node 2 benchmarks/distributed_check.py --device cuda:0 \
+    step check_gloo_one_gpu 240 "${TR[@]}" --master_port "$(port)" --nproc_per_node 2 benchmarks/check_distributed.py --device cuda:0 \
         --backend gloo --out "$OUT/check_gloo_one_gpu.json"
 fi
 
-COMPRESS=(compress planted_models:planted_net --data random --input-size 3x16x16
+COMPRESS=(compress egp_fx.testing.planted:planted_net --data random --input-size 3x16x16
           --num-batches 3 --batch-size 8 --no-onnx --json --no-progress)
 step cli_compress_ranks 180 "${TR[@]}" --master_port "$(port)" --nproc_per_node "$N" -m egp_fx "${COMPRESS[@]}" --device $DEV
 step cli_compress_one 180 $PY -m egp_fx "${COMPRESS[@]}" --device $DEV0
-PRUNE=(prune dist_prune_cases:tiny_net --data digits --input-size 8 --method imp --iterations 1
+PRUNE=(prune egp_fx.testing.ranks:tiny_net --data digits --input-size 8 --method imp --iterations 1
        --epochs 1 --lr 0.05 --batch-size 32 --num-batches 4 --json --no-progress)
 step cli_prune_ranks 180 "${TR[@]}" --master_port "$(port)" --nproc_per_node "$N" -m egp_fx \
     "${PRUNE[@]}" --device $DEV --out "$OUT/prune_ranks"

@@ -1,5 +1,6 @@
-"""EGP vs IMP (two scopes) vs the re-initialisation ablation on a real (small, offline) dataset, over seeds.
+"""The demo checkpoint and the experiment that makes it: EGP vs IMP on the digits, over seeds.
 
+EGP vs IMP (two scopes) vs the re-initialisation ablation on a real (small, offline) dataset.
 Per seed s in --seeds:
 1. Train a dense ResNet-18 with the CIFAR stem (width multiplier --width-mult, default 0.25:
    stage widths 16/32/64/128, 0.70 M parameters; --stem-maxpool adds the reference's stem
@@ -22,7 +23,7 @@ Writes benchmarks/results/egp_experiment.{json,md,png} and the demo checkpoint
 egp_fx/data/demo_resnet18_digits.{safetensors,json} (the last EGP round of the first seed).
 Working files (checkpoints per round, logs) go to --workdir; --resume continues a run there.
 
-    .venv/bin/python benchmarks/egp_experiment.py          # defaults: about 15 min per seed on 2 cores
+    .venv/bin/python benchmarks/make_demo_checkpoint.py   # defaults: about 15 min a seed, 2 cores
 """
 from __future__ import annotations
 
@@ -41,11 +42,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from egp_fx.pipeline.compress import compress  # noqa: E402
-from egp_fx.pruning import (  # noqa: E402
+from egp_fx.pipeline.compress import compress
+from egp_fx.pruning import (
     AugmentedLoader,
     FinetuneConfig,
     augment_preset,
@@ -54,22 +52,23 @@ from egp_fx.pruning import (  # noqa: E402
     finetune,
     prune,
 )
-from egp_fx.pruning.datasets import load_digits_data  # noqa: E402
-from egp_fx.pruning.models import (  # noqa: E402
+from egp_fx.pruning.datasets import load_digits_data
+from egp_fx.pruning.models import (
     DEMO_CHECKPOINT,
     DEMO_CONFIG,
     ResNetConfig,
     build_model,
     save_model,
 )
-from egp_fx.pruning.runlog import (  # noqa: E402
+from egp_fx.pruning.runlog import (
     REINIT_NAME,
     checkpoint_path,
     load_checkpoint,
     save_checkpoint,
 )
 
-log = logging.getLogger("egp_experiment")
+log = logging.getLogger("make_demo_checkpoint")
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = {"egp": ("egp", "all"), "imp-all": ("imp", "all"), "imp-prunable": ("imp", "prunable")}
 METHODS = ("egp", "imp-all", "imp-prunable", "egp-reinit")
@@ -446,7 +445,7 @@ def write_demo(result, config: ResNetConfig) -> None:
         "dataset": "scikit-learn 8x8 digits, bilinear to 32x32, 3 channels, (x/16 - mean) / std",
         "mean": data.mean, "std": data.std, "input_shape": [1, 3, 32, 32],
         "method": "egp", "iteration": rec.iteration, "sparsity": rec.sparsity,
-        "val_accuracy": rec.accuracy, "made_by": "benchmarks/egp_experiment.py"})
+        "val_accuracy": rec.accuracy, "made_by": "benchmarks/make_demo_checkpoint.py"})
     log.info("wrote %s (%d bytes)", DEMO_CHECKPOINT, DEMO_CHECKPOINT.stat().st_size)
 
 
