@@ -92,11 +92,11 @@ def compressor(stand_in: bool, target: str = "ort-cpu") -> Callable[..., nn.Modu
         from egp_fx.capture import trace
 
         return lambda model, calib, without=(): trace(model)
-    from egp_fx.passes import default_pipeline
+    from egp_fx.passes import DEFAULT_PIPELINE
     from egp_fx.pipeline.compress import compress
 
     def run(model: nn.Module, calib: list[torch.Tensor], without=()) -> nn.Module:
-        passes = tuple(p for p in default_pipeline() if p not in without)
+        passes = tuple(p for p in DEFAULT_PIPELINE if p not in without)
         return compress(model, calib, passes=passes, target=target, progress=False)
 
     return run
