@@ -20,7 +20,7 @@ from torch import nn
 
 from egp_fx.bench import environment
 from egp_fx.capture import trace
-from egp_fx.passes import default_pipeline
+from egp_fx.passes import DEFAULT_PIPELINE
 from egp_fx.pipeline.compress import compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,7 +112,7 @@ def compressor(stand_in: bool, target: str = "ort-cpu") -> Callable[..., nn.Modu
         return lambda model, calib, without=(): trace(model)
 
     def run(model: nn.Module, calib: list, without=()) -> nn.Module:
-        passes = tuple(p for p in default_pipeline() if p not in without)
+        passes = tuple(p for p in DEFAULT_PIPELINE if p not in without)
         return compress(model, calib, passes=passes, target=target, progress=False)
 
     return run

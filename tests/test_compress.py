@@ -15,6 +15,7 @@ from egp_fx.deploy.onnx import export_onnx
 from egp_fx.errors import CompressError
 from egp_fx.ir.layer import Layer, layer_of
 from egp_fx.ir.ops import Ops, Role
+from egp_fx.passes.reasons import Reason
 from egp_fx.testing.planting import (
     fit_bn_statistics,
     plant_constant,
@@ -347,7 +348,8 @@ def test_approximate_fold_only_when_asked():
     calib = [torch.rand(2, 4, 8, 8) for _ in range(2)]
     exact = egp_fx.report_of(egp_fx.compress(model, calib, progress=False))
     assert exact.after.weighted_depth == 2 and exact.after.nonlinear_depth == 0
-    assert any("3x3 o 3x3" in r.reason and "approximate" in r.reason for r in exact.refusals)
+    assert [(r.code, r.details["what"]) for r in exact.refusals
+            if r.code is Reason.CHAIN_APPROXIMATE] == [(Reason.CHAIN_APPROXIMATE, "3x3 o 3x3 -> 5x5")]
     gm = egp_fx.compress(model, calib, allow_approximate=True, approx_tolerance=1.0,
                          progress=False)
     approx = egp_fx.report_of(gm)
@@ -384,7 +386,12 @@ def test_rewrite_beyond_tolerance_is_rolled_back():
     gm = egp_fx.compress(model, calib, holdout_loader=holdout, progress=False)
     report = egp_fx.report_of(gm)
     assert [r.key for r in report.rolled_back if r.kind == "narrow_channels"] == ["relu"]
-    assert any(r.reason.startswith("rolled back") for r in report.refusals)
+    assert [r.key for r in report.refusals if r.code is Reason.ROLLED_BACK] == ["relu"]
+    (entry,) = [r for r in report.to_dict()["refusals"] if r["code"] == "rolled_back"]
+    verdict = entry["details"]["verdict"]               # JSON: the code, the facts and the text
+    assert (verdict["code"], verdict["details"]["bound"]) == ("beyond_tolerance", 1e-5)
+    assert entry["reason"] == "rolled back: " + verdict["text"]
+    assert entry["reason"].startswith("rolled back: output error ")
     assert gm.get_submodule("l1").out_features == 6
     _assert_same_function(model, gm, calib + holdout)
 
@@ -394,7 +401,8 @@ def test_dead_channels_keep_widths_a_multiple_of_sixteen():
     plant_dead(model.bn, [0, 1, 2])                    # 32 -> 29 would be padded back to 32
     calib = _data(2, (2, 3, 8, 8))
     kept = egp_fx.report_of(egp_fx.compress(model, calib, progress=False))
-    assert any("multiple of 16" in r.reason for r in kept.refusals)
+    assert [r.details for r in kept.refusals if r.code is Reason.DC_ABOVE_MULTIPLE] == [
+        {"removable": 3, "multiple": 16}]
     assert not [r for r in kept.applied if r.kind == "narrow_channels"]
     plant_dead(model.bn, range(3, 17))                 # 17 dead: 32 -> 16, one dead one kept
     gm = egp_fx.compress(model, calib, progress=False)

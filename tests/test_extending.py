@@ -1,9 +1,13 @@
-"""Extending egp_fx touches one place: an activation kind is one entry (activations.register), a
-pass is one decorated generator (passes.register), a target is one entry (register_target), a
-benchmark backend is one registered class with its own settings (register_backend)."""
+"""Extending egp_fx touches one place: an activation kind is one entry (activations.register); a
+pass is one file (a generator registered with passes.register, its options a dataclass beside
+it) and one line in the pipeline (in-tree: its name in passes.DEFAULT_PIPELINE); a target is one
+entry (register_target); a benchmark backend is one registered class with its own settings
+(register_backend)."""
 from __future__ import annotations
 
+import enum
 import functools
+import operator
 from dataclasses import dataclass
 
 import pytest
@@ -14,10 +18,12 @@ import egp_fx
 from egp_fx import passes
 from egp_fx.bench import BACKENDS, Backend, Prepared, benchmark, register_backend
 from egp_fx.cli.app import build_parser
+from egp_fx.cli.commands import _compress_options
 from egp_fx.ir import activations
 from egp_fx.ir.activations import ActivationKind
 from egp_fx.ir.regions import Affine, RegionSpec
-from egp_fx.passes.base import Candidate, Rewrite
+from egp_fx.passes.base import Candidate, Rewrite, Status
+from egp_fx.passes.reasons import Reason
 from egp_fx.pipeline.targets import TARGETS, Target, register_target
 
 
@@ -70,31 +76,90 @@ def test_hardsigmoid_is_piecewise_linear():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def _double(gm, node):
-    with gm.graph.inserting_after(node):
-        twice = gm.graph.call_function(torch.add, (node, node))
-    node.replace_all_uses_with(twice, delete_user_cb=lambda u: u is not twice)
-    return Rewrite("doubling", "double", node.name, [node.name], True, "x + x")
+# -- the pass's file: its options, its rewrite kind, the generator --------------------------------
+
+class UnitScaleKind(str, enum.Enum):       # a pass outside egp_fx names its own rewrite kinds
+    DROP_UNIT_SCALE = "drop_unit_scale"
 
 
-def test_a_new_pass_is_one_decorated_generator():
-    @passes.register("doubling", positions=(95,))
-    def doubling(gm, ctx):
-        for node in list(gm.graph.nodes):
-            if node.op == "output":
-                yield Candidate("out", functools.partial(_double, gm, node.args[0]))
+@dataclass(frozen=True)
+class UnitScaleOptions:
+    unit_scale_atol: float = passes.option(0.0, "how far from 1 a scale may be and still go")
 
-    try:
-        assert passes.default_pipeline()[-1] == "doubling"
-        model = nn.Sequential(nn.Linear(4, 4)).eval()
-        x = torch.randn(3, 4)
-        gm = egp_fx.compress(model, [x], tolerance=1e-5, progress=False)
-        report = egp_fx.report_of(gm)   # the doubling changes the output: rolled back, named
-        assert [(r.pass_name, r.status.value) for r in report.rewrites
-                if r.pass_name == "doubling"] == [("doubling", "rolled back")]
-    finally:
-        passes.PASSES.pop("doubling")
-    assert "doubling" not in passes.default_pipeline()
+
+def _drop(gm, node) -> Rewrite:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+    return Rewrite("unit_scale", UnitScaleKind.DROP_UNIT_SCALE, node.name, [node.name], True,
+                   f"{node.name}: times one")
+
+
+def unit_scale(gm, ctx):
+    """unit_scale: x * s, s a number within unit_scale_atol of 1, becomes x."""
+    atol = ctx.options_of(UnitScaleOptions).unit_scale_atol
+    for node in list(gm.graph.nodes):
+        if node.target is operator.mul and isinstance(node.args[1], float) \
+                and abs(node.args[1] - 1.0) <= atol:
+            yield Candidate(node.name, functools.partial(_drop, gm, node))
+
+
+@pytest.fixture
+def unit_scale_pass():
+    passes.register("unit_scale", options=UnitScaleOptions)(unit_scale)
+    yield "unit_scale"
+    passes.PASSES.pop("unit_scale")
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.scale = nn.Linear(8, 4), scale
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_a_new_pass_is_one_file_and_one_line_in_the_pipeline(unit_scale_pass):
+    pipeline = (unit_scale_pass, *passes.DEFAULT_PIPELINE)     # the pass's line in a pipeline
+    x = torch.randn(16, 8)
+    gm = egp_fx.compress(Scaled(1.0), [x], passes=pipeline, progress=False)
+    (rw,) = [r for r in egp_fx.report_of(gm).rewrites if r.pass_name == "unit_scale"]
+    assert (rw.kind, rw.status, rw.error) == (UnitScaleKind.DROP_UNIT_SCALE, Status.APPLIED, 0.0)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), Scaled(1.0)(x), rtol=0, atol=0)
+
+    # its option is a keyword of compress: verification rolls back a scale that is not one
+    gm = egp_fx.compress(Scaled(1.001), [x], passes=pipeline, unit_scale_atol=0.01,
+                         progress=False)
+    report = egp_fx.report_of(gm)
+    assert [r.status for r in report.rewrites if r.pass_name == "unit_scale"] == [
+        Status.ROLLED_BACK]
+    (refusal,) = [r for r in report.refusals if r.pass_name == "unit_scale"]
+    assert (refusal.code, refusal.details["verdict"].code) == (Reason.ROLLED_BACK,
+                                                              Reason.BEYOND_TOLERANCE)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), Scaled(1.001)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_pass_option_is_a_flag_of_the_command_line(unit_scale_pass):
+    argv = ["compress", "m", "--data", "random", "--unit-scale-atol", "0.01",
+            "--passes", f"{unit_scale_pass},cleanup"]
+    options = _compress_options(build_parser().parse_args(argv))
+    assert (options["unit_scale_atol"], options["passes"]) == (0.01, ("unit_scale", "cleanup"))
+    options = _compress_options(build_parser().parse_args(argv[:4]))
+    assert "unit_scale_atol" not in options and "passes" not in options   # the passes' defaults
+
+
+def test_an_option_belongs_to_one_pass():
+    @dataclass(frozen=True)
+    class Clash:
+        channel_multiple: int = passes.option(4, "dead_channels has it already")
+
+    with pytest.raises(ValueError, match=r"\['channel_multiple'\] already belong to \['dead_channels'\]"):
+        passes.register("clash", options=Clash)(unit_scale)
+    assert "clash" not in passes.PASSES
 
 
 # ----------------------------------------------------------------------------- a target

@@ -12,9 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import egp_fx
 from egp_fx.ir.batches import Batch
-from egp_fx.passes import drive, fold_affine, fold_residual, run_pass
-from egp_fx.passes.base import PassContext, PassOptions, Rewrite
-from egp_fx.passes.fold_common import fold_to_fixpoint
+from egp_fx.passes import collect_options, drive, run_pass
+from egp_fx.passes.base import PassContext, Rewrite, RewriteKind
+from egp_fx.passes.fold import affine as fold_affine
+from egp_fx.passes.fold import fold_to_fixpoint
+from egp_fx.passes.fold import residual as fold_residual
+from egp_fx.passes.reasons import Reason, Why
 from egp_fx.pipeline.latency import WidthTable
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -31,14 +34,14 @@ def _flops(module, x) -> int:
     return int(counter.get_total_flops())
 
 
-def _fold(model, x, rule=None, allow=None, **options):
-    """Trace `model`, run fold_linear (or only `rule`); (gm, outcome, reference output)."""
+def _fold(model, x, rule=None, allow=None, latency_fn=None, **options):
+    """Trace `model`, run fold_linear (or only `rule`) with the pass options given, deciding by
+    the measured `latency_fn` when given; (gm, outcome, reference output)."""
     gm = egp_fx.trace(model)
     with torch.no_grad():
         ref = gm(x)
-    if options.get("cost") == "latency":
-        options["timings"] = WidthTable(options["latency_fn"])
-    ctx = PassContext(Batch((x,)), PassOptions(**options))
+    timings = WidthTable(latency_fn) if latency_fn is not None else None
+    ctx = PassContext(Batch((x,)), collect_options(options), timings)
     if rule is None:
         out = run_pass("fold_linear", gm, ctx, allow=allow)
     else:
@@ -51,8 +54,9 @@ def _same(gm, x, ref, **tol):
         torch.testing.assert_close(gm(x), ref, **(tol or TOL))
 
 
-def _reasons(out) -> str:
-    return " | ".join(r.reason for r in out.refusals)
+def _refused(out) -> list[tuple[Reason, dict]]:
+    """(code, facts) of every refusal."""
+    return [(r.code, dict(r.details)) for r in out.refusals]
 
 
 def seq(**layers) -> nn.Sequential:
@@ -106,7 +110,7 @@ class Scaled(nn.Module):
         return self.conv(x * self.s + (self.t if self.shift else 0.0))
 
 
-def _rewrite(out, kind: str) -> Rewrite:
+def _rewrite(out, kind: RewriteKind) -> Rewrite:
     found = [r for r in out.rewrites if r.kind == kind]
     assert len(found) == 1, [r.kind for r in out.rewrites]
     return found[0]
@@ -124,7 +128,7 @@ def test_linear_o_linear_on_tokens_through_dropout():
     (fc,) = _layers(gm, nn.Linear)
     assert fc.weight.shape == (16, 16)
     _same(gm, x, ref)
-    r = _rewrite(out, "linear_o_linear")
+    r = _rewrite(out, RewriteKind.LINEAR_O_LINEAR)
     assert (r.pass_name, r.key, r.exact) == ("fold_linear", "fc2", True)
     assert r.nodes == ["fc1", "drop", "norm", "fc2"] and str(r.decision) == "folded into fc2"
     assert r.params_saved == (16 * 64 + 64 + 64 * 16 + 16) - (16 * 16 + 16)
@@ -137,7 +141,8 @@ def test_transformer_mlp_and_residual_become_one_linear():
     model = Residual(seq(fc1=nn.Linear(8, 32), fc2=nn.Linear(32, 8)))
     x = torch.randn(3, 4, 8)
     gm, out, ref = _fold(model, x)
-    assert [r.kind for r in out.rewrites] == ["linear_o_linear", "residual_into_linear"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.LINEAR_O_LINEAR,
+                                              RewriteKind.RESIDUAL_INTO_LINEAR]
     assert len(_layers(gm, nn.Linear)) == 1
     assert not [n for n in gm.graph.nodes if n.op == "call_function"]
     _same(gm, x, ref)
@@ -153,7 +158,7 @@ def test_strided_conv_o_1x1():
     (conv,) = _layers(gm, nn.Conv2d)
     assert conv.weight.shape == (5, 3, 3, 3) and conv.stride == (2, 2)
     _same(gm, x, ref)
-    r = _rewrite(out, "conv_o_1x1")
+    r = _rewrite(out, RewriteKind.CONV_O_1X1)
     assert r.exact and r.key == "b" and r.nodes == ["a", "b"] and r.flops_saved > 0
 
 
@@ -161,7 +166,8 @@ def test_grouped_first_conv_refused():
     model = seq(a=nn.Conv2d(8, 8, 3, padding=1, groups=8), b=nn.Conv2d(8, 8, 1))
     gm, out, _ = _fold(model, torch.randn(1, 8, 6, 6))
     assert not out.modified and len(_layers(gm, nn.Conv2d)) == 2
-    assert "grouped" in _reasons(out)
+    assert _refused(out) == [(Reason.CHAIN_GROUPED, {"what": "3x3 o 1x1", "groups1": 8,
+                                                      "groups2": 1})]
 
 
 @pytest.mark.parametrize("pad, bias, mode, folds", [
@@ -179,10 +185,11 @@ def test_1x1_o_conv(pad, bias, mode, folds):
     assert len(_layers(gm, nn.Conv2d)) == (1 if folds else 2)
     _same(gm, x, ref)
     if folds:
-        r = _rewrite(out, "1x1_o_conv")
+        r = _rewrite(out, RewriteKind.PW_O_CONV)
         assert r.exact and gm.get_submodule("b").weight.shape == (6, 4, 3, 3)
     else:
-        assert "first bias nonzero: padded border sees b1" in _reasons(out)
+        assert _refused(out) == [(Reason.CHAIN_APPROXIMATE, {"what": "1x1 o 3x3",
+                                                             "inexact": Reason.BIAS_AT_BORDER})]
 
 
 def test_kxk_o_unpadded_kxk_is_exact():
@@ -193,7 +200,7 @@ def test_kxk_o_unpadded_kxk_is_exact():
     (conv,) = _layers(gm, nn.Conv2d)
     assert conv.weight.shape == (4, 3, 5, 5) and conv.padding == (1, 1) and conv.stride == (2, 2)
     _same(gm, x, ref)
-    assert _rewrite(out, "kxk_o_kxk").exact
+    assert _rewrite(out, RewriteKind.KXK_O_KXK).exact
 
 
 def test_kxk_o_padded_kxk_only_when_approximate_allowed():
@@ -201,12 +208,13 @@ def test_kxk_o_padded_kxk_only_when_approximate_allowed():
     model = seq(a=nn.Conv2d(4, 32, 3, padding=1), b=nn.Conv2d(32, 4, 3, padding=1))
     x = torch.randn(2, 4, 10, 10)
     gm, out, _ = _fold(model, x)
-    assert not out.modified and "approximate" in _reasons(out)
+    assert not out.modified and _refused(out) == [
+        (Reason.CHAIN_APPROXIMATE, {"what": "3x3 o 3x3 -> 5x5", "inexact": Reason.PADDED_BORDER})]
 
     gm, out, ref = _fold(model, x, allow_approximate=True)
     (conv,) = _layers(gm, nn.Conv2d)
     assert conv.weight.shape == (4, 4, 5, 5) and conv.padding == (2, 2)
-    r = _rewrite(out, "kxk_o_kxk")
+    r = _rewrite(out, RewriteKind.KXK_O_KXK)
     assert r.exact is False and str(r.decision) == "folded into b"
     with torch.no_grad():  # exact away from the 1-pixel border the second conv padded
         torch.testing.assert_close(gm(x)[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], **TOL)
@@ -218,7 +226,9 @@ def test_3x3_o_3x3_raises_flops_refused():
     x = torch.randn(1, 8, 8, 8)
     gm, out, _ = _fold(model, x, allow_approximate=True)
     assert not out.modified and len(_layers(gm, nn.Conv2d)) == 2
-    assert "not folded: 3x3 o 3x3 -> 5x5 raises FLOPs 1.39x" in _reasons(out)
+    ((code, facts),) = _refused(out)
+    assert (code, facts["what"], facts["ratio"]) == (Reason.CHAIN_MORE_FLOPS, "3x3 o 3x3 -> 5x5",
+                                                     pytest.approx(25 / 18))
 
 
 # -- rule 6: latency cost ------------------------------------------------------------------------
@@ -233,12 +243,12 @@ def test_latency_cost_decides_when_asked(merged_faster):
 
     model = seq(a=nn.Conv2d(8, 8, 3, padding=1), b=nn.Conv2d(8, 8, 3))   # exact, raises FLOPs
     x = torch.randn(1, 8, 8, 8)
-    gm, out, ref = _fold(model, x, cost="latency", latency_fn=latency)
+    gm, out, ref = _fold(model, x, latency_fn=latency)
     assert out.modified == merged_faster
     assert ("Sequential", (1, 8, 8, 8)) in seen and ("Conv2d", (1, 8, 8, 8)) in seen
     _same(gm, x, ref)
     if not merged_faster:
-        assert "slower (2.00x measured latency)" in _reasons(out)
+        assert _refused(out) == [(Reason.CHAIN_SLOWER, {"what": "3x3 o 3x3 -> 5x5", "ratio": 2.0})]
 
 
 # -- rule 5: residual ------------------------------------------------------------------------------
@@ -254,7 +264,7 @@ def test_residual_into_conv(conv):
     torch.manual_seed(0)
     x = torch.randn(2, 6, 7, 7)
     gm, out, ref = _fold(Residual(conv), x, rule=fold_residual.rule)
-    r = _rewrite(out, "residual_into_conv")
+    r = _rewrite(out, RewriteKind.RESIDUAL_INTO_CONV)
     assert (r.key, r.nodes, r.exact, str(r.decision)) == ("add", ["body", "add"], True, "folded into body")
     assert not [n for n in gm.graph.nodes if n.op == "call_function"]
     _same(gm, x, ref)
@@ -263,9 +273,9 @@ def test_residual_into_conv(conv):
 def test_residual_refused_when_size_changes():
     x = torch.randn(1, 6, 7, 7)
     gm, out, _ = _fold(Residual(nn.Conv2d(6, 1, 3, padding=1)), x)   # broadcasts over channels
-    assert not out.modified and "shapes differ" in _reasons(out)
+    assert not out.modified and [code for code, _ in _refused(out)] == [Reason.RES_SHAPES]
     gm, out, _ = _fold(Residual(nn.Linear(7, 7)), x)   # square linear: folds
-    assert _rewrite(out, "residual_into_linear").exact
+    assert _rewrite(out, RewriteKind.RESIDUAL_INTO_LINEAR).exact
 
 
 # -- rule 7: preconditions ---------------------------------------------------------------------
@@ -274,14 +284,15 @@ def test_first_layer_with_two_users_refused():
     x = torch.randn(1, 3, 6, 6)
     gm, out, ref = _fold(Fork(), x)
     assert not out.modified and len(_layers(gm, nn.Conv2d)) == 2
-    assert "output of a has 2 users" in _reasons(out)
+    assert _refused(out) == [(Reason.CHAIN_USERS, {"node": "a", "users": 2})]
     assert [r.key for r in out.refusals] == ["b"]
 
 
 def test_shared_module_refused():
     x = torch.randn(2, 8)
     gm, out, ref = _fold(Twice(), x)
-    assert not out.modified and "module a shared by 2 calls" in _reasons(out)
+    assert not out.modified
+    assert _refused(out) == [(Reason.CHAIN_SHARED, {"sharing": "module a shared by 2 calls"})] * 2
     _same(gm, x, ref)
 
 
@@ -303,7 +314,8 @@ def test_scale_and_shift_into_producer():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 6, 6)
     gm, out, ref = _fold(Scaled(False, 1, True), x, rule=fold_affine.rule)
-    assert [r.kind for r in out.rewrites] == ["scale_into_producer", "shift_into_producer"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.SCALE_INTO_PRODUCER,
+                                              RewriteKind.SHIFT_INTO_PRODUCER]
     assert all(r.exact for r in out.rewrites)
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
     _same(gm, x, ref)
@@ -318,11 +330,13 @@ def test_scale_and_shift_into_consumer(pad, shift, folds):
     muls = [n for n in gm.graph.nodes if n.op == "call_function" and "mul" in str(n.target)]
     if folds:
         assert not muls and all(r.exact for r in out.rewrites)
-        assert {r.kind for r in out.rewrites} <= {"scale_into_consumer", "shift_into_consumer"}
+        assert {r.kind for r in out.rewrites} <= {RewriteKind.SCALE_INTO_CONSUMER,
+                                                  RewriteKind.SHIFT_INTO_CONSUMER}
     else:
-        assert "zero-padded conv is approximate" in _reasons(out)
+        assert _refused(out) == [(Reason.AFFINE_NOT_FOLDED,
+                                  {"sides": {"consumer": Why(Reason.AFFINE_APPROXIMATE)}})]
         gm, out, ref = _fold(Scaled(True, pad, shift), x, allow_approximate=True)
-        assert _rewrite(out, "shift_into_consumer").exact is False
+        assert _rewrite(out, RewriteKind.SHIFT_INTO_CONSUMER).exact is False
 
 
 class TokenAffine(nn.Module):
@@ -342,9 +356,12 @@ def test_div_sub_into_linear_producer_and_per_token_refused():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6)
     gm, out, ref = _fold(TokenAffine(), x)
-    assert [r.kind for r in out.rewrites] == ["scale_into_producer", "shift_into_producer"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.SCALE_INTO_PRODUCER,
+                                              RewriteKind.SHIFT_INTO_PRODUCER]
     assert [r.key for r in out.rewrites] == ["truediv", "sub"]
-    assert "not per channel" in _reasons(out) and [r.key for r in out.refusals] == ["mul"]
+    assert [r.key for r in out.refusals] == ["mul"]
+    (sides,) = [facts["sides"] for code, facts in _refused(out) if code is Reason.AFFINE_NOT_FOLDED]
+    assert sides["producer"] == Why(Reason.AFFINE_NOT_PER_CHANNEL, {"shape": (5, 1)})
     _same(gm, x, ref)
 
 
@@ -372,9 +389,9 @@ def test_all_rules_together(device, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 6, 6, 6, device=device)
     gm, out, ref = _fold(Everything().to(device), x)
-    assert [r.kind for r in out.rewrites] == ["1x1_o_conv", "residual_into_conv",
-                                              "scale_into_producer", "shift_into_producer",
-                                              "linear_o_linear"]
+    assert [r.kind for r in out.rewrites] == [
+        RewriteKind.PW_O_CONV, RewriteKind.RESIDUAL_INTO_CONV, RewriteKind.SCALE_INTO_PRODUCER,
+        RewriteKind.SHIFT_INTO_PRODUCER, RewriteKind.LINEAR_O_LINEAR]
     assert len(_layers(gm, nn.Conv2d)) == 2 and len(_layers(gm, nn.Linear)) == 1
     assert all(p.device.type == device for p in gm.parameters())
     _same(gm, x, ref)

@@ -25,6 +25,7 @@ from egp_fx.inspect.graph import load_graph
 from egp_fx.inspect.html import bench_rows
 from egp_fx.inspect.picture import fate
 from egp_fx.passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
+from egp_fx.passes.reasons import Reason, Why
 from egp_fx.pipeline.compress import compress
 from egp_fx.pipeline.measures import measure, nonlinear_depth, weighted_depth
 from egp_fx.pipeline.report import (
@@ -192,10 +193,11 @@ def _hand_made():
                 error=3e-3, status=Status.ROLLED_BACK),
     ]
     report.refusals = [
-        Refusal("dead_channels", "stem_2", ["stem_2"], "dead channels kept: feeds add",
-                activation="stem_2"),
-        Refusal("dead_channels", "layer1_0_relu1", ["layer1_0_relu1"],
-                "rolled back: output error 0.003 beyond tolerance", activation="layer1_0_relu1"),
+        Refusal("dead_channels", "stem_2", ["stem_2"], Why(Reason.DC_FEEDS, {
+            "node": "add", "op": "call_function", "target": "add"}), activation="stem_2"),
+        Refusal("dead_channels", "layer1_0_relu1", ["layer1_0_relu1"], Why(Reason.ROLLED_BACK, {
+            "verdict": Why(Reason.BEYOND_TOLERANCE, {"error": 3e-3, "bound": 1e-5})}),
+            activation="layer1_0_relu1"),
     ]
     gm.meta[REPORT_META_KEY] = report
     gm.meta[ORIGINAL_META_KEY] = Transient(original)
@@ -207,9 +209,10 @@ def test_hand_made_compression_is_described_exactly():
     ins = inspect(gm, example_input=x)
     rows = ins.table.by_node()
     assert (rows["layer2_0_relu"].decision, rows["layer2_0_relu"].category) == ("linearised", "linearised")
-    assert (rows["stem_2"].decision, rows["stem_2"].reason) == ("kept", "dead channels kept: feeds add")
+    assert (rows["stem_2"].decision, rows["stem_2"].reason) == (
+        "kept", "dead channels kept: feeds add (call_function add)")
     assert rows["layer1_0_relu1"].decision == "kept"
-    assert "rolled back" in rows["layer1_0_relu1"].reason
+    assert rows["layer1_0_relu1"].reason == "rolled back: output error 0.003 beyond tolerance 1e-05"
     assert any("rolled back" in h for h in rows["layer1_0_relu1"].history)
     assert ins.diff.removed == ["layer2_0_relu"]
     assert ins.diff.added == ["mul"]

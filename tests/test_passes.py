@@ -1,5 +1,6 @@
 """Each rewrite pass on its own, on graphs of two or three layers: what changed, a structural fact,
-exact numerics (float64, 1e-12), and the refusal reason of each near miss."""
+exact numerics (float64, 1e-12), and the refusal code and facts of each near miss; how a
+reason becomes text (reasons.render)."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,10 @@ from torch import nn
 
 import egp_fx
 from egp_fx.ir.batches import Batch
+from egp_fx.passes import collect_options
 from egp_fx.passes import run_pass as drive_pass
-from egp_fx.passes.base import PassContext, PassOptions
+from egp_fx.passes.base import PassContext, RewriteKind
+from egp_fx.passes.reasons import MESSAGES, Reason, Why, render
 
 X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -20,7 +23,7 @@ def run_pass(name: str, model: nn.Module, x: torch.Tensor = X, **options):
     gm = egp_fx.calibrate(model.double().eval(), [x], progress=False)
     with torch.no_grad():
         ref = gm(x)
-    ctx = PassContext(Batch((x[:1],)), PassOptions(**{"channel_multiple": 1, **options}))
+    ctx = PassContext(Batch((x[:1],)), collect_options({"channel_multiple": 1, **options}))
     outcome = drive_pass(name, gm, ctx)
     return gm, outcome, ref
 
@@ -38,8 +41,9 @@ def calls(gm, kind) -> int:
     return sum(1 for n in gm.graph.nodes if n.target is kind)
 
 
-def reasons(outcome) -> str:
-    return " | ".join(r.reason for r in outcome.refusals)
+def refused(outcome) -> list[tuple[Reason, dict]]:
+    """(code, facts) of every refusal."""
+    return [(r.code, dict(r.details)) for r in outcome.refusals]
 
 
 def with_bn(conv: nn.Module, channels: int, dims: int = 2) -> nn.Sequential:
@@ -59,7 +63,7 @@ def test_fold_bn_into_conv_and_linear():
     model = nn.Sequential(with_bn(nn.Conv2d(3, 4, 3, padding=1), 4), nn.Flatten(),
                           with_bn(nn.Linear(256, 5), 5, dims=1))
     gm, out, ref = run_pass("fold_bn", model)
-    assert [r.kind for r in out.rewrites] == ["fold_bn", "fold_bn"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.FOLD_BN, RewriteKind.FOLD_BN]
     assert calls(gm, nn.BatchNorm2d) == calls(gm, nn.BatchNorm1d) == 0
     assert_exact(gm, X, ref)
 
@@ -83,13 +87,13 @@ class _BnAfterPool(nn.Module):
         return self.bn(F.max_pool2d(x, 2))
 
 
-@pytest.mark.parametrize("model, reason", [
-    (_TwoReaders(), "has 2 users"),
-    (_BnAfterPool(), "input is not a conv/linear"),
+@pytest.mark.parametrize("model, why", [
+    (_TwoReaders(), (Reason.BN_LAYER_USERS, {"layer": "conv", "users": 2})),
+    (_BnAfterPool(), (Reason.BN_INPUT_NOT_LAYER, {})),
 ])
-def test_fold_bn_refuses_near_misses(model, reason):
+def test_fold_bn_refuses_near_misses(model, why):
     gm, out, ref = run_pass("fold_bn", model)
-    assert not out.rewrites and reason in reasons(out)
+    assert not out.rewrites and refused(out) == [why]
     assert calls(gm, nn.BatchNorm2d) == 1
     assert_exact(gm, X, ref)
 
@@ -113,7 +117,7 @@ class _DeadBranch(nn.Module):
 
 def test_constants_dead_branch_leaves_no_add():
     gm, out, ref = run_pass("constants", _DeadBranch(0.0))
-    assert {r.kind for r in out.rewrites} == {"constant_branch", "drop_add"}
+    assert {r.kind for r in out.rewrites} == {RewriteKind.CONSTANT_BRANCH, RewriteKind.DROP_ADD}
     assert calls(gm, nn.Conv2d) == 0 and calls(gm, F.relu) == 0
     assert sum(1 for n in gm.graph.nodes if n.op == "call_function") == 0   # output is x itself
     assert_exact(gm, X, ref)
@@ -121,7 +125,7 @@ def test_constants_dead_branch_leaves_no_add():
 
 def test_constants_nonzero_branch_keeps_one_add_of_a_constant():
     gm, out, ref = run_pass("constants", _DeadBranch(0.25))
-    assert [r.kind for r in out.rewrites] == ["constant_branch"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.CONSTANT_BRANCH]
     assert calls(gm, nn.Conv2d) == 0
     adds = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert len(adds) == 1 and any(a.op == "get_attr" for a in adds[0].all_input_nodes)
@@ -142,15 +146,18 @@ class _DeadIntoCat(nn.Module):
 
 def test_constants_refuses_a_constant_that_reaches_a_concat():
     gm, out, ref = run_pass("constants", _DeadIntoCat())
-    assert not [r for r in out.rewrites if r.kind.startswith("constant")]
-    assert "needs the batch" in reasons(out)
+    assert not [r for r in out.rewrites
+                if r.kind in (RewriteKind.CONSTANT, RewriteKind.CONSTANT_BRANCH)]
+    facts = {"node": "cat", "op": "call_function", "target": "cat"}   # conv: zero weights
+    assert refused(out) == [(Reason.CONSTANT_NEEDS_BATCH, {"seed": Reason.ZERO_WEIGHTS, **facts}),
+                            (Reason.CONSTANT_NEEDS_BATCH, {"seed": Reason.ALL_DEAD, **facts})]
     assert_exact(gm, X, ref)
 
 
 def test_constants_drops_relu_of_a_non_negative_input():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU())
     gm, out, ref = run_pass("constants", model)
-    assert [r.kind for r in out.rewrites] == ["drop_relu"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.DROP_RELU]
     assert calls(gm, nn.ReLU) == 1
     assert_exact(gm, X, ref)
 
@@ -176,7 +183,8 @@ def test_dead_channels_leave_producer_and_consumer():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
     _planted(model[0], [1, 6], -1.0)
     gm, out, ref = run_pass("dead_channels", model)
-    assert [(r.kind, str(r.decision)) for r in out.rewrites] == [("narrow_channels", "narrowed 8 -> 6")]
+    assert [(r.kind, str(r.decision)) for r in out.rewrites] == [
+        (RewriteKind.NARROW_CHANNELS, "narrowed 8 -> 6")]
     assert gm.get_submodule("0").out_channels == 6 and gm.get_submodule("2").in_channels == 6
     assert_exact(gm, X, ref)
 
@@ -202,7 +210,7 @@ def test_dead_channels_refuse_a_producer_that_is_not_a_layer():
         model[1].bias[[0, 3]] = -1.0
     gm, out, ref = run_pass("dead_channels", model)
     assert not out.rewrites
-    assert "not written by a conv/linear alone" in reasons(out)
+    assert refused(out) == [(Reason.DC_NO_PRODUCER, {})]
     assert_exact(gm, X, ref)
 
 
@@ -217,7 +225,8 @@ def test_dead_channels_round_to_the_width_multiple():
     model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 1))
     _planted(model[0], [0, 1, 2], -1.0)                  # 32 -> 29 would be padded back to 32
     gm, out, ref = run_pass("dead_channels", model, channel_multiple=16)
-    assert not out.rewrites and "multiple of 16" in reasons(out)
+    assert not out.rewrites
+    assert refused(out) == [(Reason.DC_ABOVE_MULTIPLE, {"removable": 4, "multiple": 16})]  # 3 + 1 dead on X
 
 
 # --------------------------------------------------------------------------- linear_units
@@ -240,7 +249,8 @@ def test_linear_units_keep_a_partly_linear_activation():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
     _near(model[0], [0, 1], 3.0)
     gm, out, ref = run_pass("linear_units", model)
-    assert not out.rewrites and "only 2 of 4 channels are linear" in reasons(out)
+    assert not out.rewrites
+    assert refused(out) == [(Reason.LU_PARTLY_LINEAR, {"linear": 2, "channels": 4})]
     assert calls(gm, nn.ReLU) == 1
 
 
@@ -249,7 +259,7 @@ def test_linear_units_keep_a_partly_linear_activation():
 def test_cleanup_removes_eval_noops_and_dead_code():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.Identity(), nn.ReLU())
     gm, out, ref = run_pass("cleanup", model)
-    assert [r.kind for r in out.rewrites] == ["drop_noop", "drop_noop"]
+    assert [r.kind for r in out.rewrites] == [RewriteKind.DROP_NOOP, RewriteKind.DROP_NOOP]
     assert calls(gm, nn.Dropout) == calls(gm, nn.Identity) == 0
     assert_exact(gm, X, ref)
 
@@ -278,8 +288,29 @@ def test_passes_keep_every_shape_they_change(monkeypatch):
     gm = egp_fx.compress(model, [x], progress=False)
     assert len(runs) == 1                # by calibrate; the passes keep those shapes valid
     kinds = {r.kind for r in egp_fx.report_of(gm).applied}
-    assert {"narrow_channels", "linearise", "fold_bn"} <= kinds
+    assert {RewriteKind.NARROW_CHANNELS, RewriteKind.LINEARISE, RewriteKind.FOLD_BN} <= kinds
     kept = {n.name: shape_of(n) for n in gm.graph.nodes if n.op != "output"}
     propagate(gm, gm.meta[EXAMPLE_META_KEY])
     fresh = {n.name: shape_of(n) for n in gm.graph.nodes if n.op != "output"}
     assert kept == fresh
+
+
+# --------------------------------------------------------------------------- reasons as text
+
+def test_every_reason_has_one_message():
+    assert set(MESSAGES) == set(Reason)
+
+
+def test_a_refusal_is_rendered_from_its_code_and_facts():
+    _, out, _ = run_pass("fold_bn", _TwoReaders())
+    assert [r.reason for r in out.refusals] == ["BatchNorm not folded: conv has 2 users"]
+    verdict = Why(Reason.BEYOND_TOLERANCE, {"error": 0.0123, "bound": 1e-5})
+    assert render(Reason.ROLLED_BACK, {"verdict": verdict}) == \
+        "rolled back: output error 0.0123 beyond tolerance 1e-05"
+    assert str(Why(Reason.DC_ALL_SLOWER, {"times": {16: 2e-3, 8: 1.5e-3}})) == \
+        "dead channels kept: every narrower width measures slower on the target (8: 1.5 ms, 16: 2 ms)"
+    assert str(Why(Reason.AFFINE_NOT_FOLDED, {"sides": {
+        "producer": Why(Reason.AFFINE_USERS, {"node": "a", "users": 2}),
+        "consumer": Why(Reason.AFFINE_APPROXIMATE)}})) == (
+        "constant not folded: producer: output of a has 2 users; consumer: shift into a "
+        "zero-padded conv is approximate at the border (allow_approximate is off)")

@@ -14,6 +14,7 @@ from torch import nn
 import egp_fx
 from egp_fx.bench import BACKENDS
 from egp_fx.passes.dead_channels import candidate_widths
+from egp_fx.passes.reasons import Reason
 from egp_fx.pipeline import latency, timers
 from egp_fx.pipeline.targets import TARGETS, Target, register_target
 from egp_fx.runtime import timing
@@ -41,9 +42,10 @@ def _width(gm) -> int:
 def test_the_target_sets_the_width_multiple(target, width, multiple):
     gm = egp_fx.compress(mlp(104), X, target=target, progress=False)    # 152 live units
     assert _width(gm) == width and egp_fx.report_of(gm).target == target
-    kept = [r.reason for r in egp_fx.report_of(gm).refusals if "kept so that" in r.reason]
-    assert kept == ([f"{width - 152} of 104 removable channel(s) kept so that the width is a "
-                     f"multiple of {multiple}"] if width > 152 else [])
+    kept = [dict(r.details) for r in egp_fx.report_of(gm).refusals
+            if r.code is Reason.DC_KEPT_FOR_MULTIPLE]
+    assert kept == ([{"kept": width - 152, "removable": 104, "multiple": multiple}]
+                    if width > 152 else [])
 
 
 def test_channel_multiple_overrides_the_target():
@@ -74,8 +76,10 @@ def test_latency_picks_the_fastest_width_and_says_why():
     gm = egp_fx.compress(mlp(100), X, cost="latency", latency_fn=latency, progress=False)
     assert _width(gm) == 192
     assert sorted(set(seen)) == [160, 192, 256]      # every candidate timed once
-    reasons = [r.reason for r in egp_fx.report_of(gm).refusals if r.key == "_1"]
-    assert len(reasons) == 1 and "kept so that the width is the fastest width measured" in reasons[0]
+    (why,) = [r.why for r in egp_fx.report_of(gm).refusals if r.key == "_1"]
+    assert why.code is Reason.DC_KEPT_FOR_SPEED
+    assert (why.details["kept"], why.details["removable"]) == (192 - 156, 100)
+    assert why.details["times"] == {160: 2e-3, 192: 1e-3, 256: 2e-3}
     with torch.no_grad():
         torch.testing.assert_close(gm(X[0]), mlp(100)(X[0]), rtol=1e-5, atol=1e-6)
 
@@ -86,7 +90,7 @@ def test_a_narrowing_that_measures_slower_is_not_applied():
     assert _width(gm) == 256
     report = egp_fx.report_of(gm)
     assert not [r for r in report.applied if r.kind == "narrow_channels"]
-    assert any("every narrower width measures slower" in r.reason for r in report.refusals)
+    assert [r.code for r in report.refusals if r.key == "_1"] == [Reason.DC_ALL_SLOWER]
 
 
 # ----------------------------------------------------------------------------- the registry

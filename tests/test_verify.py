@@ -1,5 +1,6 @@
-"""The safety net: the error measure fails on NaN/Inf, and a failing group keeps exactly its good
-rewrites (bisection neither over- nor under-rolls back)."""
+"""The safety net: the error measure fails on NaN/Inf, the Verifier's Verdict says what it decided
+and why, and a failing group keeps exactly its good rewrites (bisection neither over- nor
+under-rolls back)."""
 from __future__ import annotations
 
 import functools
@@ -11,9 +12,12 @@ from torch import nn
 
 import egp_fx
 import egp_fx.passes as passes
+from egp_fx.ir.batches import Batch
 from egp_fx.ir.compare import ErrorMeter, compare
-from egp_fx.passes.base import Candidate, Rewrite
+from egp_fx.passes.base import Candidate, Rewrite, RewriteKind
+from egp_fx.passes.reasons import Reason
 from egp_fx.pipeline.compress import output_error
+from egp_fx.pipeline.verify import Verifier
 
 
 class _Scale(nn.Module):
@@ -77,6 +81,35 @@ def test_report_of_infinite_error_is_valid_json():
     assert '"max_error": "inf"' in report.to_json()
 
 
+# --------------------------------------------------------------------------- the Verdict
+
+class _Raises(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("broken rewrite")
+
+
+def test_verdict_says_what_was_decided_and_why():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    exact = [Rewrite("p", RewriteKind.FOLD_BN, "k", [], True, "")]
+    verifier = Verifier(_Scale(1.0), [Batch((x,))], [[x.clone()]], 1e-5, 1e-2)
+    same = verifier.judge(_Scale(1.0), exact)
+    assert (same.accepted, same.error, same.float32, same.why.code) == \
+        (True, 0.0, 0.0, Reason.WITHIN_TOLERANCE)
+    off = verifier.judge(_Scale(1.001), exact)         # 1e-3 in float32 and float64 alike
+    assert (off.accepted, off.why.code) == (False, Reason.BEYOND_TOLERANCE)
+    assert off.error == pytest.approx(1e-3, rel=1e-3) and off.why.details["bound"] == 1e-5
+    inexact = [Rewrite("p", RewriteKind.KXK_O_KXK, "k", [], False, "")]
+    assert verifier.judge(_Scale(1.001), inexact).accepted      # against approx_tolerance
+    nan = verifier.judge(_Scale(math.nan), exact)
+    assert (nan.accepted, nan.error, nan.float32, nan.why.code) == \
+        (False, math.inf, None, Reason.OUTPUT_INVALID)
+    raised = verifier.judge(_Raises(), exact)
+    assert (raised.accepted, raised.error, raised.why.code) == \
+        (False, math.inf, Reason.OUTPUT_RAISES)
+    assert str(raised.why) == "output raises RuntimeError: broken rewrite"
+
+
 # --------------------------------------------------------------------------- rollback
 
 class _ThreeStages(nn.Module):
@@ -122,11 +155,12 @@ def test_failing_group_keeps_exactly_its_good_rewrites():
     calib, holdout = _signed_data(4, -1.0, 0), _signed_data(1, 1.0, 1)
     gm = egp_fx.compress(model, calib, holdout_loader=holdout, channel_multiple=1, progress=False)
     report = egp_fx.report_of(gm)
-    narrowed = {r.key: r.status for r in report.rewrites if r.kind == "narrow_channels"}
+    narrowed = {r.key: r.status for r in report.rewrites if r.kind is RewriteKind.NARROW_CHANNELS}
     assert narrowed == {"relu": "rolled back", "relu_1": "applied", "relu_2": "applied"}
     assert gm.get_submodule("a").out_features == 16
     assert gm.get_submodule("b").out_features == 14 and gm.get_submodule("c").out_features == 14
-    assert [r.key for r in report.refusals if r.reason.startswith("rolled back")] == ["relu"]
+    (rolled,) = [r for r in report.refusals if r.code is Reason.ROLLED_BACK]
+    assert rolled.key == "relu" and rolled.details["verdict"].code is Reason.BEYOND_TOLERANCE
     with torch.no_grad():
         for x in calib + holdout:
             torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
@@ -147,7 +181,7 @@ def test_nan_producing_pass_is_rolled_back_and_named(monkeypatch):
                 factor = math.nan if node.name == "relu_1" else 1.0
                 yield Candidate(node.name, functools.partial(_scale, gm, node, factor))
 
-    monkeypatch.setitem(passes.PASSES, "poison", passes.PassSpec("poison", poison, (), False, ""))
+    monkeypatch.setitem(passes.PASSES, "poison", passes.PassSpec("poison", poison, False, None, ""))
     model = _ThreeStages()
     calib = _signed_data(2, 1.0, 0)
     gm = egp_fx.compress(model, calib, passes=("poison",), progress=False)
@@ -155,7 +189,8 @@ def test_nan_producing_pass_is_rolled_back_and_named(monkeypatch):
     assert {r.key: r.status for r in report.rewrites} == {
         "relu": "applied", "relu_1": "rolled back", "relu_2": "applied"}
     bad = [r for r in report.refusals if r.key == "relu_1"]
-    assert len(bad) == 1 and "NaN/Inf" in bad[0].reason
+    assert [(r.code, r.details["verdict"].code) for r in bad] == [
+        (Reason.ROLLED_BACK, Reason.OUTPUT_INVALID)]
     assert report.max_error == 0.0
     muls = [n for n in gm.graph.nodes if n.target is torch.mul]
     assert len(muls) == 2

@@ -43,8 +43,10 @@ from egp_fx.errors import (
     EXIT_OK,
     EXIT_USAGE,
     CLIError,
+    CompressError,
     exit_code,
 )
+from egp_fx.passes import option_fields, pipeline_of
 from egp_fx.pipeline.targets import TARGETS
 
 
@@ -77,18 +79,38 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    "torchrun, of the model's initialisation, the same on every process)")
 
 
+def _pipeline(text: str) -> tuple[str, ...]:
+    """--passes: comma-separated names, checked as compress checks them."""
+    try:
+        return pipeline_of(p.strip() for p in text.split(",") if p.strip())
+    except CompressError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _pass_option_args(g) -> None:
+    """One flag per option of the passes (egp_fx.passes.option_fields): a field `channel_multiple`
+    of a pass's options dataclass is --channel-multiple. Unset flags stay None: compress then
+    uses the pass's default (or the target's)."""
+    for opt in option_fields():
+        flag, help_ = "--" + opt.name.replace("_", "-"), f"{opt.help} [{opt.owner}]"
+        if opt.type is bool:
+            action = "store_true" if opt.default is False else argparse.BooleanOptionalAction
+            g.add_argument(flag, action=action, default=None, help=help_)
+        else:
+            g.add_argument(flag, type=opt.type, choices=opt.choices, help=help_)
+
+
 def _compress_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--tolerance", type=float, help="relative output error allowed (default 1e-5)")
-    g.add_argument("--allow-approximate", action="store_true", help="apply inexact rewrites too")
-    g.add_argument("--passes", help="comma-separated pass names (default: all, in order)")
+    _pass_option_args(g)
+    g.add_argument("--passes", type=_pipeline,
+                   help="comma-separated pass names (default: egp_fx.passes.DEFAULT_PIPELINE)")
     g.add_argument("--verify-samples", type=int, help="calibration samples used to verify (default 8)")
     g.add_argument("--target", choices=tuple(TARGETS), default="ort-cpu",
                    help="hardware the model will run on; sets the width multiple of narrowed "
                    "layers (default " + "; ".join(f"{t.name}: {t.channel_multiple}"
                                                   for t in TARGETS.values()) + ")")
-    g.add_argument("--channel-multiple", type=int,
-                   help="keep narrowed widths a multiple of this (overrides --target; 1 = exact)")
     g.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
                    help="how the model is captured: torch.fx, torch.export, or fx then export "
                    "(default auto)")

@@ -16,6 +16,7 @@ from torch import nn
 
 from egp_fx.distributed import enabled, is_writer, launch, world_size
 from egp_fx.errors import EXIT_BENCH, EXIT_EXPORT, EXIT_USAGE, CLIError
+from egp_fx.passes import option_fields
 from egp_fx.pipeline.report import original_of, report_of
 
 from .data import CalibrationData, DataError, calibration_data, parse_input_size
@@ -56,26 +57,20 @@ def _inputs(args, *, num_batches: int | None = DEFAULT_CALIB_BATCHES,
 
 
 def _compress_options(args) -> dict:
+    """compress's keyword arguments from the flags (the passes' options by name; the parser
+    checked --passes)."""
     opts: dict = {"progress": not args.no_progress and is_writer(), "target": args.target,
                   "capture": args.capture}
     if args.tolerance is not None:
         opts["tolerance"] = args.tolerance
-    if args.allow_approximate:
-        opts["allow_approximate"] = True
     if args.verify_samples is not None:
         opts["verify_samples"] = args.verify_samples
-    if args.channel_multiple is not None:
-        opts["channel_multiple"] = args.channel_multiple
     if args.device:
         opts["device"] = launch.rank_device(args.device)
     if args.passes:
-        from egp_fx.passes import PASSES
-        names = tuple(p.strip() for p in args.passes.split(",") if p.strip())
-        unknown = [p for p in names if p not in PASSES]
-        if unknown:
-            raise CLIError(f"--passes: unknown pass(es) {unknown}; available: {sorted(PASSES)}",
-                           EXIT_USAGE)
-        opts["passes"] = names
+        opts["passes"] = args.passes
+    opts.update({o.name: getattr(args, o.name) for o in option_fields()
+                 if getattr(args, o.name) is not None})
     return opts
 
 

@@ -37,11 +37,12 @@ from egp_fx.errors import CompressError
 from egp_fx.ir.attrs import attr
 from egp_fx.ir.batches import Batch
 from egp_fx.ir.compare import ErrorMeter, tensor_leaves
+from egp_fx.passes.base import RewriteKind
 from egp_fx.pipeline.report import EXAMPLE_META_KEY, report_of
 
 log = logging.getLogger(__name__)
 
-NARROWING = "narrow_channels"
+NARROWING = RewriteKind.NARROW_CHANNELS
 
 
 def _model_name(name: str, prefix: str) -> str:
@@ -130,7 +131,7 @@ def into_model(compressed: fx.GraphModule, model: nn.Module) -> nn.Module:
         raise CompressError("into_model expects the model compress was given, not a GraphModule")
     report = report_of(compressed)
     values = _replacements(compressed, model)
-    left = Counter(r.kind for r in report.applied if r.kind != NARROWING)
+    left = Counter(str(r.kind) for r in report.applied if r.kind != NARROWING)
     if not values:
         raise CompressError("into_model: compress narrowed no layer; nothing to put back "
                             f"(applied: {dict(left) or 'nothing'})")

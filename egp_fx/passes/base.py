@@ -2,7 +2,7 @@
 
 A pass is a generator `run(gm, ctx)` registered with `passes.register`. It walks the graph and
 yields, for every candidate it considers,
-- a Refusal (the check that failed and why), or
+- a Refusal: the check that failed, as a Why (a Reason code and its facts, reasons.py), or
 - a Candidate: a stable key (the anchor node's name) and `apply()`, which rewrites gm in place
   and returns the Rewrite record. The value sent back into the generator is that Rewrite, or
   None when the driver chose not to apply the candidate.
@@ -10,20 +10,24 @@ The driver (`run_pass`) decides which candidates to apply: all of them, or, when
 a failed group, a subset by key. Passes know nothing about verification or rollback. The driver
 then cleans the graph (dead code, unused modules and tensors), lints it and regenerates code.
 
-Decisions are data (Decision, Status): inspect reads them directly.
+Records are data: what a rewrite did is a RewriteKind, what was decided for an activation a
+Decision, why a candidate was refused a Why; reasons.py renders the text. A pass reads its own
+options (a frozen dataclass registered with it) with `ctx.options_of(Options)`.
 """
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch.fx as fx
 
 from egp_fx.ir.batches import Batch
 from egp_fx.ir.ops import Ops
 from egp_fx.ir.shapes import propagate
+
+from .reasons import Reason, Why
 
 SHAPES_VALID = "egp_shapes_valid"
 
@@ -44,13 +48,48 @@ class DecisionKind(str, enum.Enum):
     NOT_ANALYSED = "not analysed"      # runs inside a leaf or an unknown op: never observed
 
 
+class RewriteKind(str, enum.Enum):
+    """What a rewrite did (Rewrite.kind). A pass outside egp_fx may use a str enum of its own."""
+
+    DROP_NOOP = "drop_noop"                    # cleanup
+    DEAD_CODE = "dead_code"
+    FOLD_BN = "fold_bn"                        # fold_bn
+    CONSTANT = "constant"                      # constants
+    CONSTANT_BRANCH = "constant_branch"
+    ZERO_UP_TO_ROUNDING = "zero_up_to_rounding"
+    DROP_ADD = "drop_add"
+    MERGE_ADDS = "merge_adds"
+    DROP_RELU = "drop_relu"
+    NARROW_CHANNELS = "narrow_channels"        # dead_channels
+    LINEARISE = "linearise"                    # linear_units
+    LINEAR_O_LINEAR = "linear_o_linear"        # fold_linear: chain
+    CONV_O_1X1 = "conv_o_1x1"
+    PW_O_CONV = "1x1_o_conv"
+    KXK_O_KXK = "kxk_o_kxk"
+    RESIDUAL_INTO_LINEAR = "residual_into_linear"      # residual
+    RESIDUAL_INTO_CONV = "residual_into_conv"
+    SCALE_INTO_PRODUCER = "scale_into_producer"        # affine
+    SCALE_INTO_CONSUMER = "scale_into_consumer"
+    SHIFT_INTO_PRODUCER = "shift_into_producer"
+    SHIFT_INTO_CONSUMER = "shift_into_consumer"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass(frozen=True)
 class Decision:
     kind: DecisionKind
-    why: str = ""                  # "constant output", "input is non-negative", ...
+    because: Why | None = None     # CONSTANT_OUTPUT, NONNEGATIVE_INPUT; for KEPT, the refusal's
     before: int | None = None      # widths, for NARROWED
     after: int | None = None
     into: str | None = None        # the layer it was folded into, for FOLDED
+
+    @property
+    def why(self) -> str:
+        return str(self.because) if self.because is not None else ""
 
     def __str__(self) -> str:
         if self.kind is DecisionKind.NARROWED:
@@ -60,14 +99,16 @@ class Decision:
         return f"{self.kind.value} ({self.why})" if self.why else self.kind.value
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind.value, "why": self.why, "before": self.before,
+        return {"kind": self.kind.value, "why": self.why,
+                "code": self.because.code.value if self.because is not None else None,
+                "before": self.before,
                 "after": self.after, "into": self.into, "text": str(self)}
 
 
 @dataclass
 class Rewrite:
     pass_name: str
-    kind: str                      # e.g. "fold_bn", "narrow_channels", "constant_branch", ...
+    kind: RewriteKind              # or a str enum of a pass outside egp_fx
     key: str                       # stable identity (anchor node name), used for bisection
     nodes: list[str]               # nodes of the graph involved (names as in the original)
     exact: bool
@@ -88,9 +129,22 @@ class Refusal:
     pass_name: str
     key: str
     nodes: list[str]
-    reason: str
+    why: Why                       # the code and its facts
     activation: str | None = None
     path: str = ""
+
+    @property
+    def code(self) -> Reason:
+        return self.why.code
+
+    @property
+    def details(self) -> Mapping[str, object]:
+        return self.why.details
+
+    @property
+    def reason(self) -> str:
+        """The text (reasons.render)."""
+        return str(self.why)
 
 
 @dataclass
@@ -104,26 +158,27 @@ class Candidate:
 PassRun = Generator["Candidate | Refusal", "Rewrite | None", None]
 
 
-@dataclass(frozen=True)
-class PassOptions:
-    """Options every pass may read (compress's keyword arguments)."""
+class Timings(Protocol):
+    """Measured cost on the target (pipeline.latency.WidthTable): seconds of the module that
+    build() -> (module, input) makes, cached under `key`."""
 
-    channel_multiple: int = 16          # narrowed widths stay a multiple of this
-    allow_approximate: bool = False
-    cost: str = "flops"                 # "flops" or "latency"
-    latency_fn: Callable | None = None  # (nn.Module, input) -> seconds, for cost="latency"
-    timings: object = None              # latency.WidthTable: cached timings, cost="latency"
+    def seconds(self, key: tuple, build: Callable) -> float: ...
 
-    @property
-    def by_latency(self) -> bool:
-        return self.cost == "latency" and self.timings is not None
+
+Options = TypeVar("Options")
 
 
 @dataclass
 class PassContext:
     example: Batch                      # one sample, for shapes
-    options: PassOptions = field(default_factory=PassOptions)
+    options: Mapping[type, object] = field(default_factory=dict)   # options class -> its values
+    timings: Timings | None = None      # cost="latency": measured on the target; else FLOPs decide
     ops: Ops | None = None              # the classifier of the graph being rewritten
+
+    def options_of(self, kind: type[Options]) -> Options:
+        """The values of a pass's options dataclass (its defaults when none were given)."""
+        given = self.options.get(kind)
+        return given if given is not None else kind()
 
     def begin(self, gm: fx.GraphModule, shapes: bool) -> None:
         """Prepare for a pass over gm: the op table, and shapes when the pass reads them.

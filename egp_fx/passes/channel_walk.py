@@ -17,6 +17,8 @@ from egp_fx.ir.layer import Layer, layer_of
 from egp_fx.ir.ops import Role, main_input
 from egp_fx.ir.shapes import shape_of
 
+from .reasons import Reason, Why
+
 
 @dataclass
 class Read:
@@ -39,7 +41,7 @@ class Walk:
     through_product: bool = False
 
 
-def walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[Walk, str | None]:
+def walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[Walk, Why | None]:
     """Follow act's channels to every layer that reads them, or say why not."""
     shape = shape_of(act) or ()
     last = channel_dim % max(len(shape), 1) == len(shape) - 1
@@ -56,9 +58,9 @@ def walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[Walk, str | N
             if op.role is Role.LAYER:
                 layer = layer_of(gm, u, ctx.ops.modules)
                 if layer is None or layer.input is not node:
-                    return walk, f"{u.name} takes the tensor as a weight, not as its input"
+                    return walk, Why(Reason.DC_READ_AS_WEIGHT, {"node": u.name})
                 if layer.is_linear != last:
-                    return walk, f"{u.name} reads another axis than the channels"
+                    return walk, Why(Reason.DC_OTHER_AXIS, {"node": u.name})
                 walk.reads.append(Read(layer, offset, span, direct))
             elif op.role in (Role.IDENTITY, Role.POOL) and main_input(u) is node and (
                     op.role is Role.IDENTITY or not last):
@@ -67,7 +69,7 @@ def walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[Walk, str | N
             elif op.role in (Role.FLATTEN, Role.RESHAPE):
                 after = shape_of(u)
                 if after is None or not here:
-                    return walk, f"cannot follow the channels through {u.name} (no shape)"
+                    return walk, Why(Reason.DC_NO_SHAPE, {"node": u.name})
                 if last and after[-1] == here[-1]:              # tokens regrouped, channels kept
                     walk.passed.append((u, len(after) - 1, span))
                     walk.reshapes.append(u)
@@ -78,11 +80,11 @@ def walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[Walk, str | N
                     walk.passed.append((u, 1, span * s))
                     stack.append((u, offset * s, span * s, False, True))
                 else:
-                    return walk, f"cannot follow the channels through {u.name}"
+                    return walk, Why(Reason.DC_RESHAPE, {"node": u.name})
             elif op.role is Role.CAT:
                 dim = op.params.get("dim", 0)
                 if not here or dim % len(here) != axis:
-                    return walk, f"concatenated along another axis at {u.name}"
+                    return walk, Why(Reason.DC_CAT_AXIS, {"node": u.name})
                 before = 0
                 for t in u.args[0]:
                     if t is node:
@@ -95,12 +97,14 @@ def walk(gm, ctx, act: fx.Node, channel_dim: int, n: int) -> tuple[Walk, str | N
                 up = layer_of(gm, other, ctx.ops.modules)
                 if up is None or shape_of(other) != here or len(other.users) != 1 \
                         or up.out_channels != n or up.is_linear != last:
-                    return walk, f"multiplied at {u.name} by a tensor no layer of its own writes"
+                    return walk, Why(Reason.DC_UNKNOWN_GATE, {"node": u.name})
                 walk.gates.append(up)
                 walk.through_product = True
                 walk.passed.append((u, axis, span))
                 walk.passed.append((other, axis, span))
                 stack.append((u, offset, span, False, last))
             else:
-                return walk, f"feeds {u.name} ({u.op} {getattr(u.target, '__name__', u.target)})"
+                return walk, Why(Reason.DC_FEEDS, {
+                    "node": u.name, "op": u.op,
+                    "target": str(getattr(u.target, "__name__", u.target))})
     return walk, None

@@ -13,8 +13,8 @@ import torch.fx as fx
 from egp_fx.ir.attrs import module_path
 from egp_fx.ir.ops import Role, main_input
 
-from . import register
-from .base import Candidate, PassContext, PassRun, Rewrite
+from .base import Candidate, PassContext, PassRun, Rewrite, RewriteKind
+from .registry import register
 
 NAME = "cleanup"
 
@@ -23,14 +23,14 @@ def _drop(gm: fx.GraphModule, node: fx.Node) -> Rewrite:
     path = module_path(node, gm)
     node.replace_all_uses_with(main_input(node))
     gm.graph.erase_node(node)
-    return Rewrite(NAME, "drop_noop", node.name, [node.name], True,
+    return Rewrite(NAME, RewriteKind.DROP_NOOP, node.name, [node.name], True,
                    f"{node.name}: no-op in eval mode", path=path)
 
 
 def _dead_code(gm: fx.GraphModule) -> Rewrite:
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
-    return Rewrite(NAME, "dead_code", "dead_code", [], True,
+    return Rewrite(NAME, RewriteKind.DEAD_CODE, "dead_code", [], True,
                    f"{before - len(gm.graph.nodes)} dead node(s) removed")
 
 
@@ -39,7 +39,7 @@ def _has_dead_code(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
-@register(NAME, positions=(0, 90))
+@register(NAME)
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
     applied = False
     for node in list(gm.graph.nodes):

@@ -23,7 +23,7 @@ which the float32 model computes it (standard forward error analysis, u = 2^-24)
 A dead activation's output is exactly 0 (e = 0); a bias that fold_bn computed brings the bound
 of the float32 BatchNorm arithmetic it replaced, 3 u (|b s| + |mean s| + |beta|). A constant whose
 every entry has |v| <= e is zero to within the rounding of its own computation: it becomes
-exactly zero (rewrite kind "zero_up_to_rounding", with the bound). A BatchNorm whose shift
+exactly zero (rewrite kind ZERO_UP_TO_ROUNDING, with the bound). A BatchNorm whose shift
 cancels its mean term then leaves no `x + 1e-8` behind, while a constant of any real size stays.
 
 Then algebra: x + 0 -> x, (x + c1) + c2 -> x + (c1 + c2), and a ReLU whose input is provably
@@ -44,7 +44,6 @@ from egp_fx.ir.layer import layer_of
 from egp_fx.ir.ops import ARITHMETIC, Role, main_input
 from egp_fx.ir.shapes import dtype_of, shape_of
 
-from . import register
 from .base import (
     Candidate,
     Decision,
@@ -53,8 +52,11 @@ from .base import (
     PassRun,
     Refusal,
     Rewrite,
+    RewriteKind,
 )
 from .constant_values import Const, compact, evaluate, full
+from .reasons import Reason, Why, render
+from .registry import register
 from .util import arithmetic, bias_rounding, constant, layer_params
 
 NAME = "constants"
@@ -63,16 +65,16 @@ _PER_SAMPLE = frozenset({Role.LAYER, Role.NORM, Role.ACTIVATION, Role.NONLINEAR,
 _BROADCAST = frozenset({Role.ADD, Role.SUB, Role.MUL})
 
 
-def _seed(gm, node: fx.Node, ctx) -> tuple[Const | None, str]:
+def _seed(gm, node: fx.Node, ctx) -> tuple[Const | None, Reason | None]:
     shape = shape_of(node)
     if shape is None:
-        return None, ""
+        return None, None
     st = node.meta.get(EGP_META_KEY)
     if isinstance(st, ActivationStats):
         affine = st.channel_affine()
         if all(a is not None and a.is_constant for a in affine):
             k = full(torch.tensor([a.offset for a in affine]), shape, st.channel_dim)
-            what = "all channels dead" if not bool(k.any()) else "all channels constant"
+            what = Reason.ALL_DEAD if not bool(k.any()) else Reason.ALL_CONSTANT
             return Const(k, torch.zeros_like(k)), what
     layer = layer_of(gm, node, ctx.ops.modules)
     if layer is not None and not bool(layer.weight.any()):
@@ -81,11 +83,11 @@ def _seed(gm, node: fx.Node, ctx) -> tuple[Const | None, str]:
         e = bias_rounding(gm, layer)
         e = e if e is not None else torch.zeros(n, dtype=torch.float64)
         return Const(full(b, shape, layer.out_axis), full(e, shape, layer.out_axis)), \
-            "all weights zero (collapsed layer)"
-    return None, ""
+            Reason.ZERO_WEIGHTS
+    return None, None
 
 
-def _closure(gm, seed: fx.Node, ctx, index: dict) -> tuple[list[fx.Node], str | None]:
+def _closure(gm, seed: fx.Node, ctx, index: dict, what: Reason) -> tuple[list[fx.Node], Why | None]:
     """Nodes that become constant from `seed` (topological order), or a reason to refuse."""
     const, order, frontier = {seed}, [seed], list(seed.users)
     while frontier:
@@ -101,7 +103,9 @@ def _closure(gm, seed: fx.Node, ctx, index: dict) -> tuple[list[fx.Node], str | 
         elif role in _BROADCAST:
             continue
         else:
-            return [], f"constant would reach {user.name} ({user.op} {getattr(user.target, '__name__', user.target)}), which needs the batch"
+            return [], Why(Reason.CONSTANT_NEEDS_BATCH, {
+                "seed": what, "node": user.name, "op": user.op,
+                "target": str(getattr(user.target, "__name__", user.target))})
     return sorted(order, key=index.__getitem__), None
 
 
@@ -113,18 +117,19 @@ def _apply_seed(gm, node, order, env, what, live, made: dict) -> Rewrite:
             made[n] = constant(gm, compact(env[n].value).to(dtype_of(n)), n.name, before=n)
             n.replace_all_uses_with(made[n])
     is_act = EGP_META_KEY in node.meta
-    return Rewrite(NAME, "constant_branch" if len(order) > 1 else "constant", node.name,
-                   [n.name for n in order], True,
-                   f"{node.name}: {what}; {len(order)} node(s) folded", params_saved=saved,
+    return Rewrite(NAME, RewriteKind.CONSTANT_BRANCH if len(order) > 1 else RewriteKind.CONSTANT,
+                   node.name, [n.name for n in order], True,
+                   f"{node.name}: {render(what)}; {len(order)} node(s) folded", params_saved=saved,
                    activation=node.name if is_act else None,
-                   decision=Decision(DecisionKind.REMOVED, "constant output") if is_act else None,
+                   decision=Decision(DecisionKind.REMOVED, Why(Reason.CONSTANT_OUTPUT))
+                   if is_act else None,
                    path=module_path(node, gm))
 
 
 def _apply_rounding_zero(gm, node, const: fx.Node, value: torch.Tensor, bound: float) -> Rewrite:
     """The constant that replaced `node` becomes exact zeros."""
     set_attr(gm, const.target, torch.zeros_like(attr(gm, const.target)))
-    return Rewrite(NAME, "zero_up_to_rounding", node.name + ":zero", [node.name], True,
+    return Rewrite(NAME, RewriteKind.ZERO_UP_TO_ROUNDING, node.name + ":zero", [node.name], True,
                    f"{node.name}: constant of at most {float(value.abs().max()):.3g} is zero "
                    f"to within its float32 rounding (bound {bound:.3g})",
                    path=module_path(node, gm), bound=bound)
@@ -169,7 +174,7 @@ def _add_operands(gm, node, ctx):
 def _drop_add(gm, node, keep) -> Rewrite:
     node.replace_all_uses_with(keep)
     gm.graph.erase_node(node)
-    return Rewrite(NAME, "drop_add", node.name, [node.name], True, f"{node.name}: adds a zero constant",
+    return Rewrite(NAME, RewriteKind.DROP_ADD, node.name, [node.name], True, f"{node.name}: adds a zero constant",
                    path=module_path(node, gm))
 
 
@@ -182,16 +187,16 @@ def _merge_adds(gm, node, inner, x, c_outer, c_inner) -> Rewrite:
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     gm.graph.erase_node(inner)
-    return Rewrite(NAME, "merge_adds", node.name, [inner.name, node.name], True,
+    return Rewrite(NAME, RewriteKind.MERGE_ADDS, node.name, [inner.name, node.name], True,
                    f"{inner.name} and {node.name}: two constant adds merged", path=module_path(node, gm))
 
 
 def _drop_relu(gm, node, src) -> Rewrite:
     node.replace_all_uses_with(src)
     gm.graph.erase_node(node)
-    return Rewrite(NAME, "drop_relu", node.name, [node.name], True,
+    return Rewrite(NAME, RewriteKind.DROP_RELU, node.name, [node.name], True,
                    f"{node.name}: input {src.name} is non-negative", activation=node.name,
-                   decision=Decision(DecisionKind.REMOVED, "input is non-negative"),
+                   decision=Decision(DecisionKind.REMOVED, Why(Reason.NONNEGATIVE_INPUT)),
                    path=module_path(node, gm))
 
 
@@ -219,7 +224,7 @@ def _simplify(gm, ctx) -> PassRun:
                 yield Candidate(node.name, functools.partial(_drop_relu, gm, node, src))
 
 
-@register(NAME, positions=(20, 60), shapes=True)
+@register(NAME, shapes=True)
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     done: set[fx.Node] = set()
@@ -229,9 +234,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
         seed, what = _seed(gm, node, ctx)
         if seed is None:
             continue
-        order, reason = _closure(gm, node, ctx, index)
-        if reason is not None:
-            yield Refusal(NAME, node.name, [node.name], f"{what}, but {reason}",
+        order, why = _closure(gm, node, ctx, index, what)
+        if why is not None:
+            yield Refusal(NAME, node.name, [node.name], why,
                           activation=node.name if EGP_META_KEY in node.meta else None,
                           path=module_path(node, gm))
             continue

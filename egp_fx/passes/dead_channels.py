@@ -14,15 +14,16 @@ product: a unit c that is constant zero makes the product zero whatever up gives
 lose row c and down column c together.
 A depthwise reader is narrowed with it; its own output channel c then carries the constant
 act(b_dw[c]), which the unpadded layer after it absorbs into its bias.
-Widths stay a multiple of ctx.options.channel_multiple: runtimes block channels (onnxruntime's
-NCHWc kernels by 8 or 16, tensor-core GEMMs by 64 to 128), and a layer cut from 128 to 123
-channels is padded back and runs slower than at 128. Keeping a few dead channels is exact; the
-report says how many were kept and why.
+Widths stay a multiple of Options.channel_multiple (the target's, unless given): runtimes block
+channels (onnxruntime's NCHWc kernels by 8 or 16, tensor-core GEMMs by 64 to 128), and a layer
+cut from 128 to 123 channels is padded back and runs slower than at 128. Keeping a few dead
+channels is exact; the report says how many were kept and why.
 After a rewrite the shapes along the walk are updated in place (no new propagation).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -34,7 +35,6 @@ from egp_fx.ir.layer import Layer, layer_of
 from egp_fx.ir.ops import arg, main_input
 from egp_fx.ir.shapes import set_dim, shape_of
 
-from . import register
 from .base import (
     Candidate,
     Decision,
@@ -43,13 +43,24 @@ from .base import (
     PassRun,
     Refusal,
     Rewrite,
+    RewriteKind,
 )
 from .channel_walk import Read, Walk
 from .channel_walk import walk as walk_channels
-from .fold_common import single_tensor_input
-from .util import layer_flops
+from .reasons import Reason, Why
+from .registry import option, register
+from .util import layer_flops, single_tensor_input
 
 NAME = "dead_channels"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of dead_channels (compress keywords, egp-fx flags)."""
+
+    channel_multiple: int = option(
+        16, "keep narrowed widths a multiple of this (default: the target's; 1 removes every "
+            "dead channel)")
 
 
 CANDIDATE_MULTIPLES = (8, 16, 32, 64, 128)
@@ -89,7 +100,7 @@ def _after_depthwise(gm, ctx, read: Read) -> tuple[fx.Node | None, Layer | None]
     return act, layer
 
 
-def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, Walk | None, str | None]:
+def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, Walk | None, Why | None]:
     affine = st.channel_affine()
     const = {c: a.offset for c, a in enumerate(affine) if a is not None and a.is_constant}
     if not const or len(const) == st.num_channels:
@@ -100,11 +111,11 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, Walk | None
         src = main_input(src)
     prod = layer_of(gm, src, ctx.ops.modules)
     if prod is None or (pre and not prod.is_linear):
-        return const, None, None, "the pre-activation is not written by a conv/linear alone"
+        return const, None, None, Why(Reason.DC_NO_PRODUCER)
     if len(prod.node.users) != 1 or prod.shared_with():
-        return const, None, None, f"{prod.node.name} has other users or is shared"
+        return const, None, None, Why(Reason.DC_PRODUCER_SHARED, {"layer": prod.node.name})
     if prod.groups != 1:
-        return const, None, None, f"{prod.node.name} is a grouped conv (its inputs would need narrowing too)"
+        return const, None, None, Why(Reason.DC_PRODUCER_GROUPED, {"layer": prod.node.name})
     walk, reason = walk_channels(gm, ctx, act, st.channel_dim, st.num_channels)
     if reason:
         return const, None, None, reason
@@ -113,13 +124,14 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, Walk | None
         walk.reshapes.append(node)
     readers = [r.layer.node for r in walk.reads]
     if len(set(readers)) != len(readers):
-        return const, None, None, "a layer reads the channels twice"
+        return const, None, None, Why(Reason.DC_READ_TWICE)
     for layer in [r.layer for r in walk.reads] + walk.gates:
         if (why := layer.shared_with()) is not None:
-            return const, None, None, f"reader {layer.node.name}: {why}"
+            return const, None, None, Why(Reason.DC_READER_SHARED,
+                                          {"layer": layer.node.name, "sharing": why})
     for r in walk.reads:
         if r.layer.groups != 1 and not (_depthwise(r.layer) and _after_depthwise(gm, ctx, r)[1]):
-            return const, None, None, f"grouped reader {r.layer.node.name} cannot be narrowed consistently"
+            return const, None, None, Why(Reason.DC_READER_GROUPED, {"layer": r.layer.node.name})
     absorbable = not walk.through_product and all(r.direct and _unpadded(r.layer) for r in walk.reads) \
         and not any(_depthwise(r.layer) for r in walk.reads)
     return {c: k for c, k in const.items() if k == 0.0 or absorbable}, prod, walk, None
@@ -148,7 +160,7 @@ def _timed_width(ctx, prod: Layer, walk: Walk, n: int, m0: int) -> tuple[int, di
     if walk.gates or walk.reshapes or len(reads) != 1 or not reads[0].direct \
             or reads[0].layer.groups != 1 or prod.groups != 1:
         return None
-    reader, table = reads[0].layer, ctx.options.timings
+    reader, table = reads[0].layer, ctx.timings
     tm = prod.input.meta.get("tensor_meta")
     if tm is None:
         return None
@@ -223,10 +235,6 @@ def _apply_act(act: fx.Node, values: torch.Tensor) -> torch.Tensor:
     return out.double().flatten()
 
 
-def _times(times: dict[int, float]) -> str:
-    return ", ".join(f"{w}: {t * 1e3:.3g} ms" for w, t in sorted(times.items()))
-
-
 def _update_shapes(walk: Walk, prod: Layer, act: fx.Node, removed: int) -> None:
     for node, axis, span in [(prod.node, prod.out_axis, 1), (act, prod.out_axis, 1), *walk.passed]:
         shape = shape_of(node)
@@ -260,7 +268,7 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
     flops -= sum(layer_flops(r.layer, shape_of(r.layer.node)) for r in walk.reads)
     readers = [r.layer.node.name for r in walk.reads]
     gates = f"; gated by {', '.join(g.node.name for g in walk.gates)}" if walk.gates else ""
-    return Rewrite(NAME, "narrow_channels", act.name,
+    return Rewrite(NAME, RewriteKind.NARROW_CHANNELS, act.name,
                    [prod.node.name, act.name, *(g.node.name for g in walk.gates), *readers], True,
                    f"{prod.node.name}: {n - m} constant output channel(s) removed; readers "
                    f"{', '.join(readers)} narrowed{gates}",
@@ -270,44 +278,42 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
                    tensors=[name for layer in touched for name in layer.tensor_names])
 
 
-@register(NAME, positions=(30,), shapes=True)
+@register(NAME, shapes=True, options=Options)
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
-    multiple = ctx.options.channel_multiple
+    multiple = ctx.options_of(Options).channel_multiple
     for act in list(gm.graph.nodes):
         st = act.meta.get(EGP_META_KEY)
         if not isinstance(st, ActivationStats) or not act.users:
             continue
-        remove, prod, walk, reason = _plan(gm, ctx, act, st)
+        remove, prod, walk, why = _plan(gm, ctx, act, st)
         path = module_path(act, gm)
-        if reason:
-            yield Refusal(NAME, act.name, [act.name], f"dead channels kept: {reason}",
-                          activation=act.name, path=path)
+        if why is not None:
+            yield Refusal(NAME, act.name, [act.name], why, activation=act.name, path=path)
             continue
         if not remove or prod is None:
             continue
         if walk.through_product or any(_depthwise(r.layer) for r in walk.reads):
             remove = {c: k for c, k in remove.items() if k == 0.0}
         timed = _timed_width(ctx, prod, walk, st.num_channels, st.num_channels - len(remove)) \
-            if ctx.options.by_latency else None
+            if ctx.timings is not None else None
         if timed is not None:
             width, times = timed
             aligned = _keep_width(remove, st.num_channels, width)
             if not aligned:
                 yield Refusal(NAME, act.name, [act.name],
-                              f"dead channels kept: every narrower width measures slower on the "
-                              f"target ({_times(times)})", activation=act.name, path=path)
+                              Why(Reason.DC_ALL_SLOWER, {"times": times}),
+                              activation=act.name, path=path)
                 continue
-            why = f"the fastest width measured ({_times(times)})"
+            kept = Why(Reason.DC_KEPT_FOR_SPEED, {"kept": len(remove) - len(aligned),
+                                                  "removable": len(remove), "times": times})
         else:
             aligned = _aligned(remove, st.num_channels, multiple)
-            why = f"a multiple of {multiple}"
+            kept = Why(Reason.DC_KEPT_FOR_MULTIPLE, {
+                "kept": len(remove) - len(aligned), "removable": len(remove), "multiple": multiple})
         if not aligned:
-            yield Refusal(NAME, act.name, [act.name],
-                          f"dead channels kept: removing {len(remove)} would not shrink the width "
-                          f"below the next multiple of {multiple}", activation=act.name, path=path)
+            yield Refusal(NAME, act.name, [act.name], Why(Reason.DC_ABOVE_MULTIPLE, {
+                "removable": len(remove), "multiple": multiple}), activation=act.name, path=path)
             continue
         if len(aligned) < len(remove):
-            yield Refusal(NAME, act.name, [act.name],
-                          f"{len(remove) - len(aligned)} of {len(remove)} removable channel(s) "
-                          f"kept so that the width is {why}", activation=act.name, path=path)
+            yield Refusal(NAME, act.name, [act.name], kept, activation=act.name, path=path)
         yield Candidate(act.name, functools.partial(_apply, gm, ctx, act, st, aligned, prod, walk))

@@ -24,25 +24,26 @@ from egp_fx.ir.layer import Layer, layer_of
 from egp_fx.ir.norm import Norm, norm_of
 from egp_fx.ir.shapes import shape_of
 
-from . import register
-from .base import Candidate, PassContext, PassRun, Refusal, Rewrite
+from .base import Candidate, PassContext, PassRun, Refusal, Rewrite, RewriteKind
+from .reasons import Reason, Why
+from .registry import register
 from .util import ROUNDING, record_bias_rounding
 
 NAME = "fold_bn"
 
 
-def _check(norm: Norm, layer: Layer | None, gm) -> str | None:
+def _check(norm: Norm, layer: Layer | None, gm) -> Why | None:
     if layer is None:
-        return "input is not a conv/linear"
+        return Why(Reason.BN_INPUT_NOT_LAYER)
     if layer.is_linear and len(shape_of(norm.node) or (0, 0)) != 2:
-        return "BatchNorm after Linear on non-2-D input"
+        return Why(Reason.BN_LINEAR_NOT_2D)
     if len(layer.node.users) != 1:
-        return f"{layer.node.name} has {len(layer.node.users)} users"
+        return Why(Reason.BN_LAYER_USERS, {"layer": layer.node.name, "users": len(layer.node.users)})
     if (why := layer.shared_with()) is not None:
-        return why
+        return Why(Reason.BN_LAYER_SHARED, {"sharing": why})
     if norm.module is not None and sum(
             1 for n in gm.graph.nodes if n.op == "call_module" and n.target == norm.node.target) > 1:
-        return "BatchNorm module shared by several calls"
+        return Why(Reason.BN_MODULE_SHARED)
     return None
 
 
@@ -60,21 +61,20 @@ def _fold(gm: fx.GraphModule, norm: Norm, layer: Layer) -> Rewrite:
     record_bias_rounding(gm, layer, rounding)
     node.replace_all_uses_with(layer.node)
     gm.graph.erase_node(node)
-    return Rewrite(NAME, "fold_bn", node.name, [layer.node.name, node.name], True,
+    return Rewrite(NAME, RewriteKind.FOLD_BN, node.name, [layer.node.name, node.name], True,
                    f"{node.name} folded into {layer.node.name}", params_saved=norm.param_count(),
                    path=path)
 
 
-@register(NAME, positions=(10,), shapes=True)
+@register(NAME, shapes=True)
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
     for node in list(gm.graph.nodes):
         norm = norm_of(gm, node, ctx.ops.modules)
         if norm is None:
             continue
         layer = layer_of(gm, norm.input, ctx.ops.modules)
-        reason = _check(norm, layer, gm)
-        if reason is not None:
-            yield Refusal(NAME, node.name, [node.name], f"BatchNorm not folded: {reason}",
-                          path=norm.path)
+        why = _check(norm, layer, gm)
+        if why is not None:
+            yield Refusal(NAME, node.name, [node.name], why, path=norm.path)
             continue
         yield Candidate(node.name, functools.partial(_fold, gm, norm, layer))

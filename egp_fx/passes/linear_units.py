@@ -22,7 +22,6 @@ from egp_fx.ir.layer import layer_of
 from egp_fx.ir.ops import main_input
 from egp_fx.ir.shapes import dtype_of, shape_of
 
-from . import register
 from .base import (
     Candidate,
     Decision,
@@ -31,7 +30,10 @@ from .base import (
     PassRun,
     Refusal,
     Rewrite,
+    RewriteKind,
 )
+from .reasons import Reason, Why
+from .registry import register
 from .util import arithmetic, constant
 
 NAME = "linear_units"
@@ -79,12 +81,12 @@ def _linearise(gm, ctx, act, st, affine) -> Rewrite:
         _explicit(gm, act, st, a, o)
         how = "explicit per-channel affine"
     gm.graph.erase_node(act)
-    return Rewrite(NAME, "linearise", act.name, [act.name], True, f"{act.name} ({st.kind}) -> {how}",
+    return Rewrite(NAME, RewriteKind.LINEARISE, act.name, [act.name], True, f"{act.name} ({st.kind}) -> {how}",
                    activation=act.name, decision=Decision(DecisionKind.LINEARISED),
                    path=module_path(act, gm))
 
 
-@register(NAME, positions=(40,), shapes=True)
+@register(NAME, shapes=True)
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
     for act in list(gm.graph.nodes):
         st = act.meta.get(EGP_META_KEY)
@@ -95,8 +97,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
             n_lin = len(st.linear_channels)
             if n_lin:
                 yield Refusal(NAME, act.name, [act.name],
-                              f"nonlinearity kept: only {n_lin} of {st.num_channels} channels "
-                              "are linear", activation=act.name, path=module_path(act, gm))
+                              Why(Reason.LU_PARTLY_LINEAR,
+                                  {"linear": n_lin, "channels": st.num_channels}),
+                              activation=act.name, path=module_path(act, gm))
             continue
         if all(x.is_constant for x in affine):
             continue  # constant output: the constants pass owns it

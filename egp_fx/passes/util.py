@@ -9,6 +9,8 @@ from torch import nn
 
 from egp_fx.ir.attrs import CAPTURE_META_KEY, add_attr
 from egp_fx.ir.layer import Layer
+from egp_fx.ir.ops import main_input
+from egp_fx.ir.shapes import shape_of
 
 ROUNDING_META_KEY = "egp_bias_rounding"
 ROUNDING = 2.0 ** -24        # unit roundoff of float32
@@ -71,3 +73,10 @@ def bias_rounding(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | None:
     if recorded is not None and recorded.shape == layer.bias.shape:
         return recorded
     return torch.zeros(layer.bias.shape, dtype=torch.float64)
+
+
+def single_tensor_input(node: fx.Node) -> bool:
+    """The node reads one tensor (its other inputs, if any, are symbolic sizes)."""
+    src = main_input(node)
+    return src is not None and all(i is src or shape_of(i) is None and i.op != "get_attr"
+                                   for i in node.all_input_nodes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -34,8 +34,8 @@ from egp_fx.ir.compare import ErrorMeter, tensor_leaves
 from egp_fx.ir.copying import device_of, own_tensors, structural_copy, tensor_bytes
 from egp_fx.ir.layer import CAPTURE_META_KEY
 from egp_fx.ir.pickling import make_picklable
-from egp_fx.passes import PASSES, default_pipeline
-from egp_fx.passes.base import SHAPES_VALID, PassContext, PassOptions
+from egp_fx.passes import collect_options, pipeline_of
+from egp_fx.passes.base import SHAPES_VALID, PassContext
 from egp_fx.passes.cleanup import unshare
 
 from . import ranks as shared
@@ -125,38 +125,41 @@ def _heads(outputs: list[list[torch.Tensor]], batches: list[Batch], n: int | Non
     return out
 
 
-def _check_options(passes, cost, latency_fn, target) -> tuple[str, ...]:
-    passes = default_pipeline() if passes is None else tuple(passes)
-    unknown = [p for p in passes if p not in PASSES]
-    if unknown:
-        raise CompressError(f"unknown pass(es) {unknown}; available: {sorted(PASSES)}")
+def _check_options(passes, cost, target, options: dict) -> tuple[tuple[str, ...], dict]:
+    """(the pipeline, each pass's options: the target's defaults under the given ones)."""
+    passes = pipeline_of(passes)
     if cost not in ("flops", "latency"):
         raise CompressError(f"cost must be 'flops' or 'latency', got {cost!r}")
     if target not in TARGETS:
         raise CompressError(f"unknown target {target!r}; choose from {sorted(TARGETS)}")
-    return passes
+    given = {**options, **target_options(target, options.get("channel_multiple"))}
+    return passes, collect_options(given)
 
 
 def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | None = None,
              holdout_loader: Iterable | None = None, input_key: str | None = None,
              device: torch.device | str | None = None, tolerance: float = 1e-5,
-             allow_approximate: bool = False, approx_tolerance: float = 1e-2,
+             approx_tolerance: float = 1e-2,
              cost: str = "flops", latency_fn: Callable | None = None,
-             passes: tuple[str, ...] | None = None, verify_samples: int | None = 8,
-             target: str = "ort-cpu", channel_multiple: int | None = None,
-             capture: str = "auto", share_weights: bool = False, progress: bool = True,
-             calibrated: fx.GraphModule | None = None,
-             distributed: bool | None = None) -> fx.GraphModule:
+             passes: Sequence[str] | None = None, verify_samples: int | None = 8,
+             target: str = "ort-cpu", capture: str = "auto", share_weights: bool = False,
+             progress: bool = True, calibrated: fx.GraphModule | None = None,
+             distributed: bool | None = None, **options) -> fx.GraphModule:
     """Return a smaller GraphModule computing the same function as `model` on the calibration data.
 
     tolerance         relative output error allowed for exact rewrites (default 1e-5)
-    allow_approximate apply rewrites that are not exact (kxk o kxk conv merges), checked against
-                      approx_tolerance
+    approx_tolerance  the same for rewrites that are not exact (allow_approximate=True)
     cost              "flops" (default) or "latency": measured on the target (egp_fx.pipeline.latency),
                       or by latency_fn(module, x) -> seconds when given
+    passes            the pipeline: pass names in order (default egp_fx.passes.DEFAULT_PIPELINE)
     target            the hardware the model will run on: "ort-cpu", "cuda" or "generic"; sets
                       the width multiple of narrowed layers (egp_fx.pipeline.targets)
-    channel_multiple  overrides the target's width multiple (1 removes every dead channel)
+    **options         the passes' options, by name; each is a field of its pass's options
+                      dataclass (egp_fx.passes.option_fields() lists them), among them
+                      channel_multiple  overrides the target's width multiple (1 removes every
+                                        dead channel) (dead_channels)
+                      allow_approximate apply rewrites that are not exact (kxk o kxk conv
+                                        merges), checked against approx_tolerance (fold_linear)
     capture           "auto" (torch.fx, then torch.export), "fx" or "export"
     verify_samples    calibration samples used to verify each group of rewrites (None: all);
                       rewrites are exact on all calibration data by construction, this check
@@ -171,7 +174,7 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
                       verification errors combined, and every rank returns the same graph
                       (egp_fx.pipeline.ranks)
     """
-    passes = _check_options(passes, cost, latency_fn, target)
+    passes, pass_options = _check_options(passes, cost, target, options)
     reduce = ranks.enabled(distributed)
     with ranks.together("compress: calibration data", reduce):
         if calibrated is None:
@@ -212,15 +215,13 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
         return gm
 
     timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None
-    options = PassOptions(**target_options(target, channel_multiple),
-                          allow_approximate=allow_approximate, cost=cost, latency_fn=latency_fn,
-                          timings=timings)
-    gm = Run(PassContext(example, options), verifier, report, progress).group(passes, working_copy)
+    ctx = PassContext(example, pass_options, timings)
+    gm, verdict = Run(ctx, verifier, report, progress).group(passes, working_copy)
     release_free_memory()
     report.after = measure(gm, example)
-    verified = verifier.accepted      # verified on all the calibration data as it is now?
+    # the last verdict holds for gm as it is; it covers all the calibration data when whole
     whole = combine is None and not holdout and (take is None or take >= sum(b.size for b in batches))
-    report.max_error = verified[1] if whole and verified and verified[0] is gm else \
+    report.max_error = verdict.float32 if whole and verdict is not None else \
         output_error(gm, batches, refs, combine)
     if holdout_loader is not None:
         report.holdout_error = output_error(gm, holdout, holdout_refs, combine, "held-out error")

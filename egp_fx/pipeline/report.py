@@ -1,4 +1,8 @@
-"""The report that travels with a compressed module (gm.meta["egp_report"])."""
+"""The report that travels with a compressed module (gm.meta["egp_report"]).
+
+Rewrites, refusals and decisions are kept as data (kinds and reason codes with their facts);
+to_dict gives each refusal its code, its details and its text (egp_fx.passes.reasons renders it).
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +13,7 @@ import torch.fx as fx
 
 from egp_fx.ir.pickling import pickled_meta
 from egp_fx.passes.base import Decision, DecisionKind, Refusal, Rewrite, Status
+from egp_fx.passes.reasons import Why
 
 from .measures import Totals
 
@@ -78,7 +83,7 @@ class CompressReport:
         out: dict[str, Decision] = {}
         for ref in self.refusals:
             if ref.activation:
-                out.setdefault(ref.activation, Decision(DecisionKind.KEPT, ref.reason))
+                out.setdefault(ref.activation, Decision(DecisionKind.KEPT, ref.why))
         for rw in self.applied:
             if rw.activation and rw.decision:
                 out[rw.activation] = rw.decision
@@ -104,6 +109,11 @@ class CompressReport:
             d["decision"] = r.decision.to_dict() if r.decision else None
             d["status"] = r.status.value
             return d
+
+        def refusal(r: Refusal) -> dict:
+            return {"pass_name": r.pass_name, "key": r.key, "nodes": r.nodes,
+                    "code": r.code.value, "details": _facts(r.details), "reason": r.reason,
+                    "activation": r.activation, "path": r.path}
         capture = self.capture.to_dict() if hasattr(self.capture, "to_dict") else None
         coverage = self.coverage.to_dict() if hasattr(self.coverage, "to_dict") else None
         return _json_safe({"before": self.before.to_dict(),
@@ -113,7 +123,7 @@ class CompressReport:
                            "target": self.target, "capture": capture, "coverage": coverage,
                            "passes": [asdict(p) for p in self.passes],
                            "rewrites": [rewrite(r) for r in self.rewrites],
-                           "refusals": [asdict(r) for r in self.refusals]})
+                           "refusals": [refusal(r) for r in self.refusals]})
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
@@ -140,6 +150,17 @@ class CompressReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _facts(details) -> dict:
+    """A refusal's details as plain data: a nested Why becomes {code, details, text}."""
+    def plain(v):
+        if isinstance(v, Why):
+            return {"code": v.code.value, "details": _facts(v.details), "text": str(v)}
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in details.items()}
 
 
 def _json_safe(value):

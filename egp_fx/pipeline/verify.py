@@ -1,17 +1,30 @@
 """The Verifier: judges a rewritten module against the original on fixed batches, with the one
-error measure of egp_fx.ir.compare (float32 as deployed, re-checked in float64 beyond the limit).
+error measure of egp_fx.ir.compare (float32 as deployed, re-checked in float64 beyond the limit),
+and returns a Verdict: accepted or not, the error that decided, why (a reason code and its facts,
+egp_fx.passes.reasons) and the float32 error on the verification batches.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from egp_fx.ir.compare import ErrorMeter, run_float64, tensor_leaves
+from egp_fx.passes.reasons import Reason, Why
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the Verifier decided about one module."""
+
+    accepted: bool
+    error: float                  # the deciding error (float64 when re-checked; inf: see why)
+    why: Why                      # BEYOND/WITHIN_TOLERANCE, OUTPUT_RAISES, OUTPUT_INVALID
+    float32: float | None = None  # the float32 error on the verification batches, when finite
 
 
 class Verifier:
@@ -22,7 +35,8 @@ class Verifier:
     tolerance raised to 10x the original model's own float32 rounding noise (its float32 against
     its float64 output) where that is larger: a rewrite whose error is below the noise floor of
     the model it replaces cannot be told apart from rounding. An output with a NaN or Inf the
-    reference lacks is never accepted, and never re-checked.
+    reference lacks is never accepted, and never re-checked. A candidate that runs in float32 but
+    raises in float64 is judged on its float32 error.
 
     `combine(meter, what)`, when given, turns each measured meter into the one every rank of a
     process group agrees on (egp_fx.pipeline.ranks): every decision, the float64
@@ -38,23 +52,30 @@ class Verifier:
         self._refs64: list | None = None
         self._float64: bool | None = None      # None: not tried yet
         self.noise = 0.0
-        self._last32: tuple | None = None      # (module, its float32 error) of the last measure
-        self.accepted: tuple | None = None     # the same, for the last module judge() accepted
 
-    def _measure(self, run, refs, what: str = "verify") -> ErrorMeter:
-        """The error over all batches; a module that raises fails with the exception as reason."""
-        meter = ErrorMeter()
+    def _measure(self, run, refs, what: str = "verify") -> tuple[ErrorMeter, bool]:
+        """(the error over all batches, whether the module raised, on any rank); a module that
+        raises fails with the exception as the meter's reason."""
+        meter, raised = ErrorMeter(), None
         with torch.no_grad():
             for batch, ref in zip(self.batches, refs):
                 try:
                     out = run(batch)
                 except Exception as err:  # noqa: BLE001  (a broken rewrite is rolled back, named)
-                    meter.reason = f"raises {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    raised = f"raises {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    meter.reason = raised
                     break
                 meter.add(out, ref)
                 if meter.failed:
                     break
-        return self.combine(meter, what) if self.combine is not None else meter
+        if self.combine is None:
+            return meter, raised is not None
+        meter = self.combine(meter, what)
+        if not meter.failed:
+            return meter, False
+        probe = ErrorMeter()          # did it raise on some rank? (every rank asks, or none)
+        probe.reason = raised
+        return meter, self.combine(probe, what + ": raised").failed
 
     def _float64_ready(self) -> bool:
         """Float64 references (and the original's own float32 noise) once; False when some op
@@ -71,30 +92,30 @@ class Verifier:
             self._float64 = not probe.failed
             if self._float64:
                 self.noise = self._measure(lambda b: tensor_leaves(b(self.original)),
-                                           self._refs64, "float32 noise").error
+                                           self._refs64, "float32 noise")[0].error
         return bool(self._float64)
 
-    def error(self, gm, limit: float = 0.0) -> tuple[float, str | None]:
-        """(output error of gm, why it is infinite or None); float64 beyond `limit`."""
-        meter = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32, "float32 error")
-        self._last32 = None if meter.failed else (gm, meter.error)
-        if meter.failed or meter.error <= limit:
-            return meter.error, meter.reason
-        if not self._float64_ready():
-            return meter.error, meter.reason
-        meter64 = self._measure(lambda b: run_float64(gm, b), self._refs64, "float64 error")
-        return (meter.error, meter.reason) if meter64.reason and meter64.reason.startswith(
-            "raises") else (meter64.error, meter64.reason)
+    def error(self, gm, limit: float = 0.0) -> tuple[ErrorMeter, bool, float | None]:
+        """(the deciding measure of gm, whether it raised, its float32 error when finite): the
+        float32 measure, or the float64 one beyond `limit` (unless gm raises in float64)."""
+        meter, raised = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32, "float32 error")
+        float32 = None if meter.failed else meter.error
+        if meter.failed or meter.error <= limit or not self._float64_ready():
+            return meter, raised, float32
+        meter64, raised64 = self._measure(lambda b: run_float64(gm, b), self._refs64,
+                                          "float64 error")
+        return (meter, raised, float32) if raised64 else (meter64, False, float32)
 
-    def judge(self, gm, rewrites) -> tuple[bool, float, str]:
-        """(accepted, error, the reason a rejected rewrite is rolled back). An accepted module
-        is kept in `accepted` with its float32 error until the caller changes a graph again
-        (compress then reports that error instead of measuring the same thing twice)."""
+    def judge(self, gm, rewrites) -> Verdict:
+        """The Verdict on gm, rewritten by `rewrites` (exact ones against the tolerance, any
+        inexact one against approx_tolerance)."""
         limit = self.tolerance if all(r.exact for r in rewrites) else self.approx_tolerance
-        err, reason = self.error(gm, limit)
+        meter, raised, float32 = self.error(gm, limit)
+        if meter.failed:
+            code = Reason.OUTPUT_RAISES if raised else Reason.OUTPUT_INVALID
+            return Verdict(False, meter.error, Why(code, {"failure": meter.reason}), float32)
         bound = max(limit, 10 * self.noise)
-        ok = reason is None and err <= bound
-        self.accepted = self._last32 if ok and self._last32 and self._last32[0] is gm else None
-        if reason is not None:
-            return False, err, f"output {reason}"
-        return ok, err, f"output error {err:.3g} beyond tolerance {bound:.3g}"
+        ok = meter.error <= bound
+        why = Why(Reason.WITHIN_TOLERANCE if ok else Reason.BEYOND_TOLERANCE,
+                  {"error": meter.error, "bound": bound})
+        return Verdict(ok, meter.error, why, float32)

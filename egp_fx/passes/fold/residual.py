@@ -21,8 +21,9 @@ from egp_fx.ir.layer import Layer
 from egp_fx.ir.ops import Role
 from egp_fx.ir.shapes import dtype_of, shape_of
 
-from .base import Candidate, Decision, DecisionKind, Refusal, Rewrite
-from .fold_common import Sweep, fold_rule, padding_of
+from ..base import Candidate, Decision, DecisionKind, Refusal, Rewrite, RewriteKind
+from ..reasons import Reason, Why
+from .common import Sweep, padding_of
 
 NAME = "fold_residual"
 
@@ -40,35 +41,35 @@ def _match(node: fx.Node, sweep: Sweep):
     return None
 
 
-def _centre(layer: Layer) -> tuple[int, int] | str:
+def _centre(layer: Layer) -> tuple[int, int] | Why:
     """The tap that reads the output position itself, or why there is none."""
     pad = padding_of(layer)
     if layer.dims != 2 or layer.stride != (1, 1) or layer.in_channels != layer.out_channels \
             or pad is None:
-        return "not stride 1 with as many output as input channels"
+        return Why(Reason.RES_NOT_SQUARE)
     taps = []
     for p, d, k in zip(pad, layer.dilation, layer.kernel_size):
         if 2 * p != d * (k - 1) or p % d:
-            return f"padding {pad} does not keep the size"
+            return Why(Reason.RES_PADDING, {"padding": pad})
         taps.append(p // d)
     return taps[0], taps[1]
 
 
-def _check(x, added, layer: Layer, skipped, node, sweep: Sweep) -> str | None:
+def _check(x, added, layer: Layer, skipped, node, sweep: Sweep) -> Why | None:
     for n in (layer.node, *skipped):
         if len(n.users) != 1:
-            return f"output of {n.name} has {len(n.users)} users"
+            return Why(Reason.RES_USERS, {"node": n.name, "users": len(n.users)})
     if (why := sweep.shared(layer)) is not None:
-        return why
+        return Why(Reason.RES_SHARED, {"sharing": why})
     shapes = {shape_of(x), shape_of(added), shape_of(node)}
     if len(shapes) != 1 or None in shapes:
-        return f"shapes differ: {sorted(map(str, shapes))}"
+        return Why(Reason.RES_SHAPES, {"shapes": sorted(map(str, shapes))})
     if dtype_of(x) != layer.weight.dtype:
-        return f"dtype of {x.name} differs from the weights"
+        return Why(Reason.RES_DTYPE, {"node": x.name})
     if layer.is_linear:
-        return None if layer.in_channels == layer.out_channels else "linear is not square"
+        return None if layer.in_channels == layer.out_channels else Why(Reason.RES_LINEAR_NOT_SQUARE)
     centre = _centre(layer)
-    return centre if isinstance(centre, str) else None
+    return centre if isinstance(centre, Why) else None
 
 
 def _apply(sweep: Sweep, x, node, layer: Layer, added, names) -> Rewrite:
@@ -82,13 +83,12 @@ def _apply(sweep: Sweep, x, node, layer: Layer, added, names) -> Rewrite:
     layer.replace(w, layer.bias.detach().double() if layer.bias is not None else None)
     node.replace_all_uses_with(added)
     sweep.erase(node)
-    kind = "residual_into_linear" if layer.is_linear else "residual_into_conv"
+    kind = RewriteKind.RESIDUAL_INTO_LINEAR if layer.is_linear else RewriteKind.RESIDUAL_INTO_CONV
     return Rewrite(NAME, kind, node.name, names, True,
                    f"{x.name} + {layer.node.name}({x.name}) -> identity added to {layer.node.name}",
                    decision=Decision(DecisionKind.FOLDED, into=layer.path), path=layer.path)
 
 
-@fold_rule("residual", order=20)
 def rule(node: fx.Node, sweep: Sweep) -> Candidate | Refusal | None:
     """Rule anchored at the add: x + L(x) -> (L + I)(x)."""
     match = _match(node, sweep)
@@ -98,5 +98,5 @@ def rule(node: fx.Node, sweep: Sweep) -> Candidate | Refusal | None:
     names = [layer.node.name, *(n.name for n in skipped), node.name]
     why = _check(x, added, layer, skipped, node, sweep)
     if why is not None:
-        return Refusal(NAME, node.name, names, f"residual not folded: {why}", path=layer.path)
+        return Refusal(NAME, node.name, names, why, path=layer.path)
     return Candidate(node.name, functools.partial(_apply, sweep, x, node, layer, added, names))

@@ -25,8 +25,9 @@ from egp_fx.ir.layer import Layer
 from egp_fx.ir.ops import Role
 from egp_fx.ir.shapes import dtype_of, shape_of
 
-from .base import Candidate, Decision, DecisionKind, Refusal, Rewrite
-from .fold_common import Sweep, fold_rule, padding_of
+from ..base import Candidate, Decision, DecisionKind, Refusal, Rewrite, RewriteKind
+from ..reasons import Reason, Why
+from .common import Sweep, padding_of
 
 NAME = "fold_affine"
 _OPS = {Role.MUL: "mul", Role.DIV: "div", Role.ADD: "add", Role.SUB: "sub"}
@@ -67,13 +68,13 @@ def _per_channel(c: torch.Tensor, y: fx.Node, x: fx.Node, layer: Layer, consumer
     """The constant as a float64 vector over the layer's channels, or why it is not one."""
     shape = shape_of(y)
     if shape is None or shape != shape_of(x) or dtype_of(y) != layer.weight.dtype:
-        return "constant changes the shape or dtype"
+        return Why(Reason.AFFINE_SHAPE_OR_DTYPE)
     axis = len(shape) - 1 if layer.is_linear else 1
     n = layer.in_channels if consumer else layer.out_channels
     full = (1,) * (len(shape) - c.dim()) + tuple(c.shape)
     if len(full) != len(shape) or shape[axis] != n or full[axis] not in (1, n) \
             or any(d != 1 for i, d in enumerate(full) if i != axis):
-        return f"constant of shape {tuple(c.shape)} is not per channel"
+        return Why(Reason.AFFINE_NOT_PER_CHANNEL, {"shape": tuple(c.shape)})
     return c.reshape(-1).expand(n).to(layer.weight.device, copy=True)
 
 
@@ -82,10 +83,10 @@ def _into_producer(y, x, c, op, sweep: Sweep):
     if layer is None:
         return None
     if len(x.users) != 1:
-        return f"output of {x.name} has {len(x.users)} users"
+        return Why(Reason.AFFINE_USERS, {"node": x.name, "users": len(x.users)})
     if (why := sweep.shared(layer)) is not None:
-        return why
-    if isinstance(v := _per_channel(c, y, x, layer, False), str):
+        return Why(Reason.AFFINE_SHARED, {"sharing": why})
+    if isinstance(v := _per_channel(c, y, x, layer, False), Why):
         return v
     w = layer.weight.detach().double()
     b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
@@ -102,8 +103,8 @@ def _into_consumer(y, x, c, op, sweep: Sweep):
     if layer is None or layer.input is not y:
         return None
     if (why := sweep.shared(layer)) is not None:
-        return why
-    if isinstance(v := _per_channel(c, y, x, layer, True), str):
+        return Why(Reason.AFFINE_SHARED, {"sharing": why})
+    if isinstance(v := _per_channel(c, y, x, layer, True), Why):
         return v
     w = layer.weight.detach().double()
     b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
@@ -130,30 +131,29 @@ def _apply(sweep: Sweep, node, x, c, op, const_node, where, layer: Layer, weight
         layer.set_input(x)
     sweep.erase(*([const_node] if const_node is not None and len(const_node.users) == 1 else []),
                 node)
-    kind = f"{'scale' if op == 'mul' else 'shift'}_into_{where}"
+    kind = RewriteKind(f"{'scale' if op == 'mul' else 'shift'}_into_{where}")
     return Rewrite(NAME, kind, node.name, [node.name, layer.node.name], exact,
                    f"{op} by constant {tuple(c.shape)} folded into {layer.node.name} ({where})",
                    decision=Decision(DecisionKind.FOLDED, into=layer.path), path=layer.path)
 
 
-@fold_rule("affine", order=10)
 def rule(node: fx.Node, sweep: Sweep) -> Candidate | Refusal | None:
     """Rule anchored at the mul/div/add/sub node: fold the constant into a neighbouring layer."""
     match = _match(node, sweep)
     if match is None:
         return None
     x, c, op, const_node = match
-    reasons = []
+    sides: dict[str, Why] = {}
     for where, attempt in (("producer", _into_producer), ("consumer", _into_consumer)):
         out = attempt(node, x, c, op, sweep)
-        if isinstance(out, str):
-            reasons.append(f"{where}: {out}")
-        elif out is not None and not out[2] and not sweep.ctx.options.allow_approximate:
-            reasons.append(f"{where}: shift into a zero-padded conv is approximate at the border "
-                           "(allow_approximate is off)")
+        if isinstance(out, Why):
+            sides[where] = out
+        elif out is not None and not out[2] and not sweep.options.allow_approximate:
+            sides[where] = Why(Reason.AFFINE_APPROXIMATE)
         elif out is not None:
             layer, weights, exact = out
             return Candidate(node.name, functools.partial(
                 _apply, sweep, node, x, c, op, const_node, where, layer, weights, exact))
-    return Refusal(NAME, node.name, [node.name], "constant not folded: " + "; ".join(reasons)) \
-        if reasons else None
+    if not sides:
+        return None
+    return Refusal(NAME, node.name, [node.name], Why(Reason.AFFINE_NOT_FOLDED, {"sides": sides}))

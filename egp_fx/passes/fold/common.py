@@ -1,17 +1,17 @@
-"""The machinery of the folding rules that fold_linear sweeps (fold_chain.py, fold_residual.py,
-fold_affine.py).
+"""The machinery of the folding rules that fold_linear sweeps (chain.py, residual.py, affine.py).
 
-A rule is a function `rule(node, sweep) -> Candidate | Refusal | None` registered with
-`@fold_rule(name, order=...)`: it looks at one node of the graph (its anchor), returns None when
-the node is not a candidate, a Refusal with the reason when a check fails, and otherwise a
-Candidate whose apply() rewrites the graph. `fold_to_fixpoint` sweeps the rules, in order, over
-the graph until a sweep applies nothing; every rule keeps the output shape of the node it
+A rule is a function `rule(node, sweep) -> Candidate | Refusal | None`: it looks at one node of
+the graph (its anchor), returns None when the node is not a candidate, a Refusal with the reason
+when a check fails, and otherwise a Candidate whose apply() rewrites the graph. FOLD_RULES
+(fold/__init__.py) lists them in the order they are tried. `fold_to_fixpoint` sweeps the rules
+over the graph until a sweep applies nothing; every rule keeps the output shape of the node it
 rewrites, so the shapes propagated at the start stay valid. Refusals come from the last sweep
-(the final graph), so each is reported once.
+(the final graph), so each is reported once. The rules read fold_linear's options (FoldOptions)
+from the sweep.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -19,27 +19,19 @@ import torch.fx as fx
 from egp_fx.ir.channels import keeps_last_dim
 from egp_fx.ir.layer import Layer, layer_of, share_index
 from egp_fx.ir.ops import Role, main_input
-from egp_fx.ir.shapes import shape_of
 
-from .base import PassContext, PassRun, Refusal
+from ..base import PassContext, PassRun, Refusal
+from ..registry import option
+from ..util import single_tensor_input
 
 
 @dataclass(frozen=True)
-class FoldRule:
-    name: str
-    order: float
-    run: Callable
+class FoldOptions:
+    """The options of fold_linear (and so of every folding rule)."""
 
-
-FOLD_RULES: dict[str, FoldRule] = {}
-
-
-def fold_rule(name: str, *, order: float):
-    """Decorator: register a folding rule (swept by fold_linear in increasing order)."""
-    def wrap(run: Callable) -> Callable:
-        FOLD_RULES[name] = FoldRule(name, order, run)
-        return run
-    return wrap
+    allow_approximate: bool = option(
+        False, "apply inexact rewrites too (kxk o kxk merges of padded convs, shifts into "
+               "zero-padded convs), checked against approx_tolerance")
 
 
 def pair(v) -> tuple[int, int]:
@@ -56,13 +48,6 @@ def padding_of(layer: Layer) -> tuple[int, ...] | None:
     return layer.padding
 
 
-def single_tensor_input(node: fx.Node) -> bool:
-    """The node reads one tensor (its other inputs, if any, are symbolic sizes)."""
-    src = main_input(node)
-    return src is not None and all(i is src or shape_of(i) is None and i.op != "get_attr"
-                                   for i in node.all_input_nodes)
-
-
 def is_pointwise(layer: Layer) -> bool:
     """A 1x1, stride-1, unpadded, undilated, ungrouped conv: a Linear over channels."""
     return (not layer.is_linear and layer.dims == 2 and layer.kernel_size == (1, 1)
@@ -75,6 +60,7 @@ class Sweep:
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext, cache: dict):
         self.gm, self.ctx, self.cache = gm, ctx, cache
+        self.options = ctx.options_of(FoldOptions)
         self.index = share_index(gm.graph)
         self.erased: set[fx.Node] = set()
 
@@ -103,7 +89,7 @@ class Sweep:
             self.erased.add(n)
 
 
-def fold_to_fixpoint(gm: fx.GraphModule, ctx: PassContext, rules: list[Callable]) -> PassRun:
+def fold_to_fixpoint(gm: fx.GraphModule, ctx: PassContext, rules: Sequence[Callable]) -> PassRun:
     """Sweep `rules` over the graph until a sweep applies nothing."""
     cache: dict = {}  # latency measurements, kept across sweeps
     while True:
@@ -123,10 +109,6 @@ def fold_to_fixpoint(gm: fx.GraphModule, ctx: PassContext, rules: list[Callable]
         if not applied:
             yield from refusals
             return
-
-
-def rules_in_order() -> list[Callable]:
-    return [r.run for r in sorted(FOLD_RULES.values(), key=lambda r: r.order)]
 
 
 Rule = Callable[[fx.Node, Sweep], "Candidate | Refusal | None"]

@@ -40,9 +40,10 @@ from torch import nn
 from egp_fx.ir.layer import Layer, _meta_conv
 from egp_fx.ir.shapes import shape_of
 
-from .base import Candidate, Decision, DecisionKind, Refusal, Rewrite
-from .fold_common import Sweep, fold_rule, is_pointwise, padding_of
-from .util import layer_flops, layer_params
+from ..base import Candidate, Decision, DecisionKind, Refusal, Rewrite, RewriteKind
+from ..reasons import Reason, Why, render
+from ..util import layer_flops, layer_params
+from .common import Sweep, is_pointwise, padding_of
 
 NAME = "fold_linear"
 
@@ -51,13 +52,13 @@ NAME = "fold_linear"
 class _Plan:
     """A fold that matched: the merged weight's shape, its geometry, how to compute it."""
 
-    kind: str
+    kind: RewriteKind
     exact: bool
     desc: str                                   # "3x3 o 3x3 -> 5x5", for details and refusals
     shape: tuple[int, ...]                      # merged weight shape
     weights: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]   # float64 (W, b)
     geometry: dict = field(default_factory=dict)   # stride, padding, dilation, groups (convs)
-    inexact_why: str = ""
+    inexact: Reason | None = None               # why it is approximate (when not exact)
 
     def dummy(self, like: Layer) -> nn.Module:
         """The merged layer's geometry with zero weights, for timing it before building it."""
@@ -105,52 +106,53 @@ def _geometry(layer: Layer, **override) -> dict:
 
 
 def _plan_linear(m1: Layer, m2: Layer) -> _Plan:
-    return _Plan("linear_o_linear", True, "linear o linear", (m2.out_channels, m1.in_channels),
+    return _Plan(RewriteKind.LINEAR_O_LINEAR, True, "linear o linear", (m2.out_channels, m1.in_channels),
                  _merge(m1, m2, lambda w1, w2: w2 @ w1))
 
 
-def _plan_conv(m1: Layer, m2: Layer) -> _Plan | str:
+def _plan_conv(m1: Layer, m2: Layer) -> _Plan | Why:
     (kh1, kw1), (kh2, kw2) = m1.kernel_size, m2.kernel_size
     desc, n_out, n_in = f"{kh1}x{kw1} o {kh2}x{kw2}", m2.out_channels, m1.in_channels
     if m1.groups != 1 or m2.groups != 1:
-        return f"not folded: {desc}: grouped conv (groups {m1.groups} and {m2.groups})"
+        return Why(Reason.CHAIN_GROUPED, {"what": desc, "groups1": m1.groups, "groups2": m2.groups})
     if is_pointwise(m2):
-        return _Plan("conv_o_1x1", True, desc, (n_out, n_in, kh1, kw1),
+        return _Plan(RewriteKind.CONV_O_1X1, True, desc, (n_out, n_in, kh1, kw1),
                      _merge(m1, m2, lambda w1, w2: torch.einsum("om,mihw->oihw", w2[:, :, 0, 0], w1)),
                      _geometry(m1, padding_mode=m1.padding_mode))
     p1, p2 = padding_of(m1), padding_of(m2)
     if p1 is None or p2 is None:
-        return f"not folded: {desc}: asymmetric 'same' padding"
+        return Why(Reason.CHAIN_SAME_PADDING, {"what": desc})
     if is_pointwise(m1):
         b1_zero = m1.bias is None or not bool(m1.bias.detach().any())
         exact = not any(p2) or m2.padding_mode != "zeros" or b1_zero
-        return _Plan("1x1_o_conv", exact, desc, (n_out, n_in, kh2, kw2),
+        return _Plan(RewriteKind.PW_O_CONV, exact, desc, (n_out, n_in, kh2, kw2),
                      _merge(m1, m2, lambda w1, w2: torch.einsum("omhw,mi->oihw", w2, w1[:, :, 0, 0])),
                      _geometry(m2, padding=p2, padding_mode=m2.padding_mode),
-                     "first bias nonzero: padded border sees b1")
+                     Reason.BIAS_AT_BORDER)
     if m1.stride != (1, 1) or m1.dilation != (1, 1) or m2.dilation != (1, 1):
-        return f"not folded: {desc}: first conv strided or a conv dilated"
+        return Why(Reason.CHAIN_STRIDED, {"what": desc})
     if any(p2) and (m1.padding_mode, m2.padding_mode) != ("zeros", "zeros"):
-        return f"not folded: {desc}: padding modes {m1.padding_mode}/{m2.padding_mode}"
+        return Why(Reason.CHAIN_PADDING_MODES,
+                   {"what": desc, "mode1": m1.padding_mode, "mode2": m2.padding_mode})
     kh, kw = kh1 + kh2 - 1, kw1 + kw2 - 1
-    return _Plan("kxk_o_kxk", not any(p2), f"{desc} -> {kh}x{kw}", (n_out, n_in, kh, kw),
+    return _Plan(RewriteKind.KXK_O_KXK, not any(p2), f"{desc} -> {kh}x{kw}", (n_out, n_in, kh, kw),
                  _merge(m1, m2, _full_conv),
                  _geometry(m1, stride=m2.stride, padding=(p1[0] + p2[0], p1[1] + p2[1]),
                            padding_mode=m1.padding_mode),
-                 "wrong on the zero-padded border of the second conv")
+                 Reason.PADDED_BORDER)
 
 
-def _cost(m1: Layer, m2: Layer, plan: _Plan, sweep: Sweep) -> tuple[str | None, int]:
+def _cost(m1: Layer, m2: Layer, plan: _Plan, sweep: Sweep) -> tuple[Why | None, int]:
     """(reason not to fold or None, FLOPs saved per sample), before any merged weight is built."""
     out1, out2 = shape_of(m1.node), shape_of(m2.node)
     if out1 is None or out2 is None:
-        return f"not folded: {plan.desc}: no shapes", 0
+        return Why(Reason.CHAIN_NO_SHAPES, {"what": plan.desc}), 0
     old = layer_flops(m1, out1) + layer_flops(m2, out2)
     new = 2 * math.prod(out2[1:]) * math.prod(plan.shape[1:])
-    opts = sweep.ctx.options
-    if opts.by_latency:
+    table = sweep.ctx.timings
+    if table is not None:
         tm = m1.input.meta["tensor_meta"]
-        x_shape, table = (1, *tm.shape[1:]), opts.timings
+        x_shape = (1, *tm.shape[1:])
 
         def inputs():
             return torch.randn(x_shape, dtype=tm.dtype, device=m1.weight.device)
@@ -160,27 +162,28 @@ def _cost(m1: Layer, m2: Layer, plan: _Plan, sweep: Sweep) -> tuple[str | None, 
         t_new = table.seconds(("merged", plan.kind, plan.shape, str(plan.geometry), x_shape),
                               lambda: (plan.dummy(m2), inputs()))
         if t_new > t_old:
-            return f"not folded: {plan.desc} slower ({t_new / t_old:.2f}x measured latency)", old - new
+            return Why(Reason.CHAIN_SLOWER, {"what": plan.desc, "ratio": t_new / t_old}), old - new
         return None, old - new
     if new > old:
-        return f"not folded: {plan.desc} raises FLOPs {new / old:.2f}x", old - new
+        return Why(Reason.CHAIN_MORE_FLOPS, {"what": plan.desc, "ratio": new / old}), old - new
     return None, old - new
 
 
-def _check(m1: Layer, skipped, m2: Layer, sweep: Sweep) -> str | None:
+def _check(m1: Layer, skipped, m2: Layer, sweep: Sweep) -> Why | None:
     for n in (m1.node, *skipped):
         if len(n.users) != 1:
-            return f"not folded: output of {n.name} has {len(n.users)} users"
+            return Why(Reason.CHAIN_USERS, {"node": n.name, "users": len(n.users)})
     for layer in (m1, m2):
         if (why := sweep.shared(layer)) is not None:
-            return f"not folded: {why}"
+            return Why(Reason.CHAIN_SHARED, {"sharing": why})
     if (m1.weight.dtype, m1.weight.device) != (m2.weight.dtype, m2.weight.device):
-        return f"not folded: dtype/device differ ({m1.weight.dtype}, {m2.weight.dtype})"
+        return Why(Reason.CHAIN_DTYPE_DEVICE,
+                   {"dtype1": str(m1.weight.dtype), "dtype2": str(m2.weight.dtype)})
     if not m1.is_linear and (m1.dims, m2.dims) != (2, 2):
-        return "not folded: only 2-D convolutions are merged"
+        return Why(Reason.CHAIN_NOT_2D)
     lead1, lead2 = shape_of(m1.input), shape_of(m2.input)
     if skipped and (lead1 is None or lead2 is None or lead1[:-1] != lead2[:-1]):
-        return "not folded: the reshapes between the layers change the leading dims"
+        return Why(Reason.CHAIN_RESHAPES)
     return None
 
 
@@ -192,14 +195,14 @@ def _apply(sweep: Sweep, m1: Layer, skipped, m2: Layer, plan: _Plan, flops_saved
     m2.replace(weight, bias, **({} if m2.is_linear else plan.geometry))
     m2.set_input(m1.input)
     sweep.erase(m1.node, *skipped)
-    detail = f"{before} -> {describe(m2)}" + ("" if plan.exact else f"; approximate: {plan.inexact_why}")
+    detail = f"{before} -> {describe(m2)}" + (
+        "" if plan.exact else f"; approximate: {render(plan.inexact)}")
     return Rewrite(NAME, plan.kind, m2.node.name, names, plan.exact, detail,
                    params_saved=params_before - layer_params(m2), flops_saved=flops_saved,
                    decision=Decision(DecisionKind.FOLDED, into=m2.path), path=m2.path)
 
 
-@fold_rule("chain", order=30)
-def fold_chain(node, sweep: Sweep) -> Candidate | Refusal | None:
+def rule(node, sweep: Sweep) -> Candidate | Refusal | None:
     """Rule anchored at the second layer: fold the layer that feeds it into it."""
     m2 = sweep.layer(node)
     if m2 is None:
@@ -212,10 +215,10 @@ def fold_chain(node, sweep: Sweep) -> Candidate | Refusal | None:
     why, flops_saved = _check(m1, skipped, m2, sweep), 0
     if why is None:
         plan = _plan_linear(m1, m2) if m1.is_linear else _plan_conv(m1, m2)
-        if isinstance(plan, str):
+        if isinstance(plan, Why):
             why = plan
-        elif not plan.exact and not sweep.ctx.options.allow_approximate:
-            why = f"not folded: {plan.desc}: {plan.inexact_why} (approximate; allow_approximate is off)"
+        elif not plan.exact and not sweep.options.allow_approximate:
+            why = Why(Reason.CHAIN_APPROXIMATE, {"what": plan.desc, "inexact": plan.inexact})
         else:
             why, flops_saved = _cost(m1, m2, plan, sweep)
     if why is not None:
