@@ -79,13 +79,15 @@ def capture_info(gm: fx.GraphModule) -> CaptureInfo | None:
     return getattr(gm, "meta", {}).get(CAPTURE_META_KEY)
 
 
-def coverage_of(gm: fx.GraphModule, example: Batch, analysed: set[str]) -> Coverage | None:
+def coverage_of(gm: fx.GraphModule, example: Batch, analysed: set[str],
+                reasons: dict[str, str] | None = None) -> Coverage | None:
     """Activation calls of `gm` that run on `example` and those of `analysed` (coverage.py),
-    with the reasons the capture recorded; None (and a warning) when the count cannot run."""
+    with the reasons the capture recorded and `reasons` (activation node -> why calibration
+    does not observe it); None (and a warning) when the count cannot run."""
     info = capture_info(gm)
     try:
         return activation_coverage(gm, example, analysed, leaves=info.leaves if info else {},
-                                   functions=wrapped_functions())
+                                   functions=wrapped_functions(), reasons=reasons)
     except Exception as err:  # noqa: BLE001  (a diagnostic must not stop calibration)
         log.warning("could not count the activation calls that run (%s: %s)",
                     type(err).__name__, err)

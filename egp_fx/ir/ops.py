@@ -14,7 +14,9 @@ Roles:
     NORM          BatchNorm in eval mode: a per-channel affine map
     LAYER_NORM    LayerNorm / RMS-style normalisation over the last dim
     ACTIVATION    kind one of activations.KINDS
-    NONLINEAR     another nonlinearity (sigmoid, tanh, softmax, ...)
+    NONLINEAR     another nonlinearity: kind one of activations.OTHERS (sigmoid, tanh,
+                  softmax, ...), or a call of a kind that cannot be analysed (RReLU in training
+                  mode); params["reason"] says why
     IDENTITY      output equals input in eval mode (dropout, identity, alias, clone)
     POOL          pools over positions, keeps channels (max/avg/adaptive pooling)
     FLATTEN       merges every dim after the batch dim
@@ -34,7 +36,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import FUNCTION_KINDS, METHOD_KINDS, kind_params, module_kind
+from .activations import (
+    FUNCTION_KINDS,
+    METHOD_KINDS,
+    OTHER_FUNCTIONS,
+    OTHER_METHODS,
+    OTHERS,
+    kind_params,
+    module_kind,
+    other_activation,
+    unanalysed_reason,
+)
 
 aten = torch.ops.aten
 
@@ -92,11 +104,6 @@ _NORM_FUNCTIONS = {F.batch_norm, aten.batch_norm.default}
 _LAYER_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm)
 _LAYER_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default}
 
-_NONLINEAR_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softmax, nn.ELU, nn.Mish)
-_NONLINEAR_FUNCTIONS = {torch.sigmoid, torch.tanh, F.softmax, torch.softmax, F.elu, F.mish,
-                        aten.sigmoid.default, aten.tanh.default, aten._softmax.default,
-                        aten.softmax.int, aten.elu.default, aten.mish.default}
-
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _IDENTITY_MODULE_NAMES = {"DropPath", "Identity"}     # timm's and others' eval-mode no-ops
 _IDENTITY_FUNCTIONS = {F.dropout, aten.dropout.default, aten.alias.default, aten.clone.default,
@@ -139,6 +146,10 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _other(name: str) -> Op:
+    return Op(Role.NONLINEAR, name, {"reason": OTHERS[name].reason})
+
+
 def _module_op(mod: nn.Module) -> Op:
     kind = module_kind(mod)
     if kind is not None:
@@ -156,8 +167,9 @@ def _module_op(mod: nn.Module) -> Op:
         return Op(Role.POOL)
     if isinstance(mod, nn.Flatten):
         return Op(Role.FLATTEN) if mod.start_dim == 1 and mod.end_dim == -1 else Op(Role.RESHAPE)
-    if isinstance(mod, _NONLINEAR_MODULES):
-        return Op(Role.NONLINEAR)
+    other = other_activation(mod)
+    if other is not None:
+        return _other(other)
     return OTHER
 
 
@@ -171,8 +183,8 @@ def _function_op(target) -> Op:
             return Op(role)
     if target in _ARITHMETIC:
         return Op(_ARITHMETIC[target])
-    if target in _NONLINEAR_FUNCTIONS:
-        return Op(Role.NONLINEAR)
+    if target in OTHER_FUNCTIONS:
+        return _other(OTHER_FUNCTIONS[target])
     return OTHER
 
 
@@ -202,6 +214,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
             op = Op(Role.FLATTEN) if arg(node, 1, "start_dim", 0) == 1 else Op(Role.RESHAPE)
         elif name in _RESHAPE_METHODS:
             op = Op(Role.RESHAPE)
+        elif name in OTHER_METHODS:
+            op = _other(OTHER_METHODS[name])
         else:
             op = OTHER
     else:
@@ -213,6 +227,9 @@ def _refine(op: Op, node: fx.Node, mod: nn.Module | None) -> Op:
     """Settle what the target alone does not say (arguments, training flags)."""
     if op.role is Role.ACTIVATION:
         kind, params = kind_params(op.kind, node, mod)
+        reason = unanalysed_reason(kind, params)
+        if reason is not None:
+            return Op(Role.NONLINEAR, kind, {**params, "reason": reason})
         return Op(Role.ACTIVATION, kind, params)
     if op.role is Role.IDENTITY and node.op == "call_function" and node.target in (
             F.dropout, aten.dropout.default):
