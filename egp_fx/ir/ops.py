@@ -251,7 +251,62 @@ def _refine(op: Op, node: fx.Node, mod: nn.Module | None) -> Op:
         return op if (start, end) == (1, -1) else Op(Role.RESHAPE)
     if op.role is Role.CAT:
         return Op(Role.CAT, params={"dim": arg(node, 1, "dim", 0)})
+    if op.role is Role.IDENTITY and _sets_layout(node):
+        return Op(Role.IDENTITY, params={"layout": True})
     return op
+
+
+# ----------------------------------------------------------------------------- memory layout
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, torch.Tensor.view}
+_STRIDE_AGNOSTIC = ARITHMETIC | {Role.LAYER, Role.MATMUL, Role.NORM, Role.LAYER_NORM,
+                                 Role.ACTIVATION, Role.NONLINEAR, Role.POOL, Role.FLATTEN,
+                                 Role.CAT, Role.RESHAPE}
+
+
+def _sets_layout(node: fx.Node) -> bool:
+    """contiguous(), or a clone into a memory format: an op whose output strides differ from
+    its input's (a `view` after `permute` needs them)."""
+    if node.op == "call_method" and node.target == "contiguous":
+        return True
+    if node.target is aten.contiguous.default:
+        return True
+    fmt = node.kwargs.get("memory_format")
+    return fmt is not None and fmt is not torch.preserve_format
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "view"
+    try:
+        return node.op == "call_function" and node.target in _VIEWS
+    except TypeError:  # an unhashable target
+        return False
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """x.shape, x.size(), x.dim(): they read no strides."""
+    return (node.op == "call_function" and node.target is getattr) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))
+
+
+def layout_needed(node: fx.Node, modules: dict) -> bool:
+    """Whether the memory layout `node` produces may matter to what reads it: a `view`, the
+    graph's output, or an op egp_fx does not know reads it (through identity ops). A
+    contiguous() that only such stride-agnostic ops read (layers, activations, arithmetic,
+    reshape) can go; one before a `view` stays."""
+    for user in node.users:
+        if _is_view(user) or user.op == "output":
+            return True
+        if _reads_metadata(user):
+            continue
+        role = classify(user, modules).role
+        if role is Role.IDENTITY:
+            if layout_needed(user, modules):
+                return True
+        elif role not in _STRIDE_AGNOSTIC:
+            return True
+    return False
 
 
 def main_input(node: fx.Node) -> fx.Node | None:
