@@ -27,7 +27,7 @@ from egp_fx.ir.attrs import CAPTURE_META_KEY
 from egp_fx.ir.batches import Batch, as_batch
 from egp_fx.ir.compare import ErrorMeter, tensor_leaves
 from egp_fx.ir.copying import structural_copy
-from egp_fx.ir.shapes import failing_node
+from egp_fx.ir.shapes import call_quietly, failing_node
 
 from .canonical import TRANSPOSED_META_KEY, canonical_modules, canonicalise
 from .coverage import COVERAGE_META_KEY, Coverage, Hidden, activation_coverage
@@ -125,7 +125,7 @@ def _reference(root: nn.Module, example: Batch, gm: fx.GraphModule | None) -> li
 def _check(gm: fx.GraphModule, reference: list, example: Batch) -> float:
     meter = ErrorMeter()
     with torch.no_grad():
-        meter.add(tensor_leaves(example(gm)), reference)
+        meter.add(tensor_leaves(call_quietly(gm, example)), reference)
     return meter.error
 
 

@@ -34,6 +34,7 @@ from egp_fx.ir.compare import ErrorMeter, tensor_leaves
 from egp_fx.ir.copying import device_of, own_tensors, structural_copy, tensor_bytes
 from egp_fx.ir.layer import CAPTURE_META_KEY
 from egp_fx.ir.pickling import make_picklable
+from egp_fx.ir.shapes import call_quietly
 from egp_fx.passes import PASSES, default_pipeline
 from egp_fx.passes.base import SHAPES_VALID, PassContext, PassOptions
 from egp_fx.passes.cleanup import unshare
@@ -65,7 +66,7 @@ def output_error(gm: nn.Module, batches: list, refs: list[list[torch.Tensor]],
     with torch.no_grad():
         for batch, ref in zip(batches, refs):
             batch = batch if isinstance(batch, Batch) else Batch((batch,))
-            meter.add(tensor_leaves(batch(gm)), ref)
+            meter.add(tensor_leaves(call_quietly(gm, batch)), ref)
     return (combine(meter, what) if combine is not None else meter).error
 
 

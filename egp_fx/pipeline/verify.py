@@ -7,11 +7,20 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.fx as fx
 
 from egp_fx.ir.compare import ErrorMeter, run_float64, tensor_leaves
+from egp_fx.ir.shapes import call_quietly, first_failing
 
 log = logging.getLogger(__name__)
 
+
+
+def _raised(err: BaseException, gm, batch) -> str:
+    """One line: what a trial module raised, and at which node."""
+    text = f"raises {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    node = first_failing(gm, batch) if isinstance(gm, fx.GraphModule) else None
+    return text + (f" at {node.format_node()}" if node is not None else "")
 
 
 class Verifier:
@@ -41,15 +50,19 @@ class Verifier:
         self._last32: tuple | None = None      # (module, its float32 error) of the last measure
         self.accepted: tuple | None = None     # the same, for the last module judge() accepted
 
-    def _measure(self, run, refs, what: str = "verify") -> ErrorMeter:
-        """The error over all batches; a module that raises fails with the exception as reason."""
+    def _measure(self, run, refs, what: str = "verify", gm=None) -> ErrorMeter:
+        """The error over all batches; a module that raises fails with the exception and the
+        node that raised (node.format_node()) as reason: one line in the log at INFO, the
+        traceback at DEBUG, nothing printed."""
         meter = ErrorMeter()
         with torch.no_grad():
             for batch, ref in zip(self.batches, refs):
                 try:
                     out = run(batch)
                 except Exception as err:  # noqa: BLE001  (a broken rewrite is rolled back, named)
-                    meter.reason = f"raises {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    meter.reason = _raised(err, gm, batch)
+                    log.info("trial %s", meter.reason)
+                    log.debug("the trial's traceback", exc_info=True)
                     break
                 meter.add(out, ref)
                 if meter.failed:
@@ -76,13 +89,14 @@ class Verifier:
 
     def error(self, gm, limit: float = 0.0) -> tuple[float, str | None]:
         """(output error of gm, why it is infinite or None); float64 beyond `limit`."""
-        meter = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32, "float32 error")
+        meter = self._measure(lambda b: tensor_leaves(call_quietly(gm, b)), self.refs32,
+                              "float32 error", gm)
         self._last32 = None if meter.failed else (gm, meter.error)
         if meter.failed or meter.error <= limit:
             return meter.error, meter.reason
         if not self._float64_ready():
             return meter.error, meter.reason
-        meter64 = self._measure(lambda b: run_float64(gm, b), self._refs64, "float64 error")
+        meter64 = self._measure(lambda b: run_float64(gm, b), self._refs64, "float64 error", gm)
         return (meter.error, meter.reason) if meter64.reason and meter64.reason.startswith(
             "raises") else (meter64.error, meter64.reason)
 
