@@ -127,7 +127,7 @@ class Coverage:
             text += "; " + "; ".join(h.describe() for h in self.hidden)
         if self.other:
             text += (f"; {self.others} call(s) of activations without exact regions: "
-                     + "; ".join(f"{h.path or h.node} ({', '.join(h.kinds)}): {h.reason}"
+                     + "; ".join(f"{h.path or h.node} ({h.what}): {h.reason}"
                                  for h in self.other))
         return text
 
@@ -217,7 +217,8 @@ def activation_coverage(gm: fx.GraphModule, example, analysed: set[str], *,
             hidden.append(Hidden(node.name, path, what, count, dict(kinds), reason))
         names = interp.others.get(node.name)
         if names:
-            reason = "; ".join(f"{name}: {OTHERS[name].reason}" for name in names)
+            reason = "; ".join(f"{name}: {OTHERS[name].reason}" for name in names) \
+                if len(names) > 1 else OTHERS[next(iter(names))].reason
             other.append(Hidden(node.name, path, _what(gm, node), sum(names.values()),
                                 dict(names), reason))
     return Coverage(counter.total, len(analysed), hidden, other)
