@@ -17,7 +17,8 @@ Roles:
     NONLINEAR     another nonlinearity: kind one of activations.OTHERS (sigmoid, tanh,
                   softmax, ...), or a call of a kind that cannot be analysed (RReLU in training
                   mode); params["reason"] says why
-    IDENTITY      output equals input in eval mode (dropout, identity, alias, clone)
+    IDENTITY      output equals input in eval mode (dropout, identity, alias, clone;
+                  contiguous() with params["layout"]: its strides may matter, layout_needed)
     POOL          pools over positions, keeps channels (max/avg/adaptive pooling)
     FLATTEN       merges every dim after the batch dim
     RESHAPE       any other view/reshape/transpose: what it keeps is read from the shapes
