@@ -26,7 +26,7 @@ from egp_fx.ir.batches import Batch, iter_batches, loader_length
 from egp_fx.ir.channels import channel_axis
 from egp_fx.ir.copying import device_of, moved
 from egp_fx.ir.ops import Ops, main_input
-from egp_fx.ir.shapes import failing_node, propagate
+from egp_fx.ir.shapes import failing_node, propagate, shape_of
 
 from . import ranks as across
 from .stats import EGP_META_KEY, StatsAccumulator
@@ -62,20 +62,42 @@ def _instrument(gm: fx.GraphModule, accumulators: dict[str, StatsAccumulator]) -
 
 
 def accumulators_for(gm: fx.GraphModule, example: Batch | None, gelu_margins=GELU_MARGINS,
-                     silu_margins=SILU_MARGINS) -> dict[str, StatsAccumulator]:
+                     silu_margins=SILU_MARGINS) -> tuple[dict[str, StatsAccumulator], dict[str, str]]:
     """One StatsAccumulator per supported activation call of gm (shapes from `example` tell
-    the channel axis where a reshape sits between a layer and its activation)."""
+    the channel axis where a reshape sits between a layer and its activation), and the calls
+    of a kind that are not observed, with the reason."""
     if example is not None:
         propagate(gm, example.head(1))
     ops = Ops(gm)
     out: dict[str, StatsAccumulator] = {}
+    skipped: dict[str, str] = {}
     for node in gm.graph.nodes:
         spec = region_spec(ops(node), gelu_margins=gelu_margins, silu_margins=silu_margins)
         z = main_input(node)
         if spec is not None and z is not None:
             axis, how = channel_axis(z, ops)
+            reason = _per_channel_mismatch(spec, axis, shape_of(z))
+            if reason is not None:
+                skipped[node.name] = reason
+                continue
             out[node.name] = StatsAccumulator(spec, axis, how)
-    return out
+    return out, skipped
+
+
+def _per_channel_mismatch(spec, axis: int, shape: tuple[int, ...] | None) -> str | None:
+    """Why per-channel maps (PReLU's slopes, along dim 1 of its input) cannot be read per
+    channel of the statistics, or None."""
+    n = spec.channels
+    if n is None:
+        return None
+    if not shape or len(shape) < 2:
+        return f"its {n} per-channel slopes need an input with a channel dim"
+    if axis % len(shape) != 1:
+        return (f"its {n} per-channel slopes run along dim 1, but the layer before it writes "
+                f"its channels along dim {axis % len(shape)}")
+    if shape[1] != n:
+        return f"it has {n} per-channel slopes for {shape[1]} channels"
+    return None
 
 
 def _check_backend(device: torch.device) -> None:
@@ -158,10 +180,12 @@ def calibrate(model: nn.Module, calib_loader: Iterable, *, max_batches: int | No
         # the capture is checked against the model on two samples: a graph that computes
         # something else shows it there, and a check on a whole batch costs two forwards of it
         gm = moved(capture(model, first.head(2), mode=capture_mode), device)
-        accumulators = accumulators_for(gm, first.to(device), gelu_margins, silu_margins)
+        accumulators, skipped = accumulators_for(gm, first.to(device), gelu_margins,
+                                                 silu_margins)
         if not accumulators:
             log.warning("calibrate: the model has no supported activation calls")
-        gm.meta[COVERAGE_META_KEY] = coverage_of(gm, first.to(device).head(1), set(accumulators))
+        gm.meta[COVERAGE_META_KEY] = coverage_of(gm, first.to(device).head(1), set(accumulators),
+                                                 skipped)
         warn_unanalysed(gm)
         _observe(gm, accumulators, itertools.chain([first] if counted else [], batches), device,
                  loader_length(calib_loader, max_batches), progress, on_output)

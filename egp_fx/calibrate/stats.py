@@ -123,10 +123,11 @@ class ActivationStats:
 
         A channel whose pre-activation took one value k on all data (zmin == zmax, over more
         than one sample) outputs the constant act(k): Affine(0, slope k + offset) in a linear
-        region, and Affine(0, 0) for k = 0 in a nonlinear one (every supported activation maps
-        0 to 0). A layer row EGP pruned to zero gives such a channel."""
+        region, and Affine(0, act(0)) for k = 0 in a nonlinear one (RegionSpec.zero_value: 0
+        for every supported activation but Softplus). A layer row EGP pruned to zero gives such
+        a channel. A per-channel map (PReLU's slopes) gives each channel its own entry."""
         region = self.region_of_channel().tolist()
-        out = [self.spec.affine(r) if r >= 0 else None for r in region]
+        out = [self.spec.affine(r, c) if r >= 0 else None for c, r in enumerate(region)]
         if self.n > 1:
             fixed = (self.zmin == self.zmax).tolist()
             for c, (a, same) in enumerate(zip(out, fixed)):
@@ -136,7 +137,7 @@ class ActivationStats:
                 if a is not None and a.slope != 0.0:
                     out[c] = Affine(0.0, a.slope * k + a.offset)
                 elif a is None and k == 0.0:
-                    out[c] = Affine(0.0, 0.0)
+                    out[c] = Affine(0.0, self.spec.zero_value)
         return out
 
     @property
@@ -242,6 +243,6 @@ class StatsAccumulator:
 def select_channels(st: ActivationStats, keep: list[int]) -> ActivationStats:
     """The record restricted to channels `keep` (after a pass narrowed the layer)."""
     idx = torch.tensor(keep, dtype=torch.long)
-    return ActivationStats(st.spec, st.channel_dim, st.channel_source, st.n, st.batches,
+    return ActivationStats(st.spec.select(keep), st.channel_dim, st.channel_source, st.n, st.batches,
                            st.on[idx], st.low[idx], st.high[idx], st.zmin[idx], st.zmax[idx],
                            st.egp_sum)

@@ -27,10 +27,11 @@ from egp_fx.ir.attrs import CAPTURE_META_KEY
 from egp_fx.ir.batches import Batch, as_batch
 from egp_fx.ir.compare import ErrorMeter, tensor_leaves
 from egp_fx.ir.copying import structural_copy
-from egp_fx.ir.shapes import failing_node
+from egp_fx.ir.shapes import call_quietly, failing_node
 
 from .canonical import TRANSPOSED_META_KEY, canonical_modules, canonicalise
 from .coverage import COVERAGE_META_KEY, Coverage, Hidden, activation_coverage
+from .defaults import fixed_defaults
 from .export_trace import export_capture, fixed_keywords
 from .fx_trace import (
     LEAF_MODULES,
@@ -61,31 +62,38 @@ class CaptureInfo:
     check_error: float | None = None           # captured vs model on the example batch
     transposed: list[str] = field(default_factory=list)   # attributes held as the model's .T
     leaves: dict[str, str] = field(default_factory=dict)   # module kept whole -> why
+    fixed: dict[str, str] = field(default_factory=dict)    # forward parameter -> repr(value)
 
     def describe(self) -> str:
         text = f"captured with {'torch.fx' if self.mode == 'fx' else 'torch.export'}"
         if self.fx_failure:
             text += f" (torch.fx could not: {self.fx_failure})"
+        if self.fixed:
+            text += ("; fixed to their defaults (the batches do not supply them): "
+                     + ", ".join(f"{k}={v}" for k, v in self.fixed.items()))
         if self.notes:
             text += "; " + "; ".join(self.notes)
         return text
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "fx_failure": self.fx_failure, "notes": list(self.notes),
-                "check_error": self.check_error, "leaves": dict(self.leaves)}
+                "check_error": self.check_error, "leaves": dict(self.leaves),
+                "fixed": dict(self.fixed)}
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo | None:
     return getattr(gm, "meta", {}).get(CAPTURE_META_KEY)
 
 
-def coverage_of(gm: fx.GraphModule, example: Batch, analysed: set[str]) -> Coverage | None:
+def coverage_of(gm: fx.GraphModule, example: Batch, analysed: set[str],
+                reasons: dict[str, str] | None = None) -> Coverage | None:
     """Activation calls of `gm` that run on `example` and those of `analysed` (coverage.py),
-    with the reasons the capture recorded; None (and a warning) when the count cannot run."""
+    with the reasons the capture recorded and `reasons` (activation node -> why calibration
+    does not observe it); None (and a warning) when the count cannot run."""
     info = capture_info(gm)
     try:
         return activation_coverage(gm, example, analysed, leaves=info.leaves if info else {},
-                                   functions=wrapped_functions())
+                                   functions=wrapped_functions(), reasons=reasons)
     except Exception as err:  # noqa: BLE001  (a diagnostic must not stop calibration)
         log.warning("could not count the activation calls that run (%s: %s)",
                     type(err).__name__, err)
@@ -117,13 +125,16 @@ def _reference(root: nn.Module, example: Batch, gm: fx.GraphModule | None) -> li
 def _check(gm: fx.GraphModule, reference: list, example: Batch) -> float:
     meter = ErrorMeter()
     with torch.no_grad():
-        meter.add(tensor_leaves(example(gm)), reference)
+        meter.add(tensor_leaves(call_quietly(gm, example)), reference)
     return meter.error
 
 
-def _try_fx(root, plain, example, leaf_modules) -> tuple[fx.GraphModule | None, str | None, float | None]:
+def _try_fx(root, plain, example, leaf_modules, fixed
+            ) -> tuple[fx.GraphModule | None, str | None, float | None]:
+    concrete = {**fixed, **fixed_keywords(root)} if example is not None and example.kwargs \
+        else fixed
     try:
-        gm, leaves = fx_capture(root, leaf_modules)
+        gm, leaves = fx_capture(root, leaf_modules, concrete)
     except TraceError as err:
         if example is not None:
             _reference(plain, example, None)   # a batch the model rejects is the data's fault
@@ -173,12 +184,15 @@ def capture(model: nn.Module, example: Batch | None = None, *, mode: str = "auto
     plain = structural_copy(model).eval()       # the reference: the model as it is, in eval mode
     root = structural_copy(plain)
     swaps = canonical_modules(root)
+    fixed = fixed_defaults(root, example)
     fx_failure = None
     if mode in ("auto", "fx"):
-        gm, fx_failure, err = _try_fx(root, plain, example, leaf_modules)
+        gm, fx_failure, err = _try_fx(root, plain, example, leaf_modules, fixed)
         if gm is not None:
             info = gm.meta[CAPTURE_META_KEY]
             info.check_error, info.notes = err, swaps
+            info.fixed = {k: repr(v) for k, v in fixed.items()}
+            _log_fixed(model, info)
             return gm
         if mode == "fx":
             raise TraceError(f"{fx_failure}. Register the module as a leaf with "
@@ -194,9 +208,18 @@ def capture(model: nn.Module, example: Batch | None = None, *, mode: str = "auto
                          f"{fx_failure}. {export_failure}")
     info.fx_failure = fx_failure
     info.notes = swaps + info.notes
+    info.fixed = {k: repr(v) for k, v in fixed.items()
+                  if not (example.kwargs and k in fixed_keywords(root))}
     gm.meta[CAPTURE_META_KEY] = info
+    _log_fixed(model, info)
     log.info("%s: %s", type(model).__name__, info.describe())
     return gm
+
+
+def _log_fixed(model: nn.Module, info: CaptureInfo) -> None:
+    if info.fixed:
+        log.info("%s: forward's %s fixed to their defaults (the batches do not supply them)",
+                 type(model).__name__, ", ".join(f"{k}={v}" for k, v in info.fixed.items()))
 
 
 _capture = capture     # trace() takes a keyword named "capture"

@@ -16,8 +16,10 @@ model on the example batch, as before.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
+import warnings
 from typing import Callable
 
 import torch
@@ -26,6 +28,8 @@ from torch import nn
 
 from egp_fx.errors import TraceError
 from egp_fx.ir.activations import KINDS
+
+from .defaults import drop_fixed_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +137,24 @@ def drop_asserts(graph: fx.Graph) -> int:
     return len(asserts)
 
 
-def fx_capture(root: nn.Module, leaf_modules: dict[type, str] | None = None
-               ) -> tuple[fx.GraphModule, dict[str, str]]:
+def fx_capture(root: nn.Module, leaf_modules: dict[type, str] | None = None,
+               fixed: dict | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
     """Trace `root` (already the copy to keep, in eval mode): (GraphModule, {path of a leaf
-    module kept whole: reason}). Raises TraceError naming the module fx could not trace."""
+    module kept whole: reason}). `fixed` parameters of forward are traced as the constants
+    given (defaults.py). Raises TraceError naming the module fx could not trace."""
     leaves = {**LEAF_MODULES, **(leaf_modules or {})}
     tracer = Tracer(leaves, wrapped_functions())
     try:
-        graph = tracer.trace(root)
+        with warnings.catch_warnings():   # fx warns where it cannot check a fixed value
+            warnings.simplefilter("ignore", UserWarning)
+            graph = tracer.trace(root, concrete_args=dict(fixed) if fixed else None)
     except Exception as err:  # fx raises many types; we re-raise one that names the module
         where = tracer.failed_in or ("<top level>", type(root).__name__)
         raise TraceError(
             f"torch.fx cannot trace module '{where[0]}' ({where[1]}): {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if fixed:
+        drop_fixed_placeholders(graph, list(inspect.signature(root.forward).parameters), fixed)
     drop_asserts(graph)
     gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
     gm.eval()

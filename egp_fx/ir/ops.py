@@ -14,8 +14,11 @@ Roles:
     NORM          BatchNorm in eval mode: a per-channel affine map
     LAYER_NORM    LayerNorm / RMS-style normalisation over the last dim
     ACTIVATION    kind one of activations.KINDS
-    NONLINEAR     another nonlinearity (sigmoid, tanh, softmax, ...)
-    IDENTITY      output equals input in eval mode (dropout, identity, alias, clone)
+    NONLINEAR     another nonlinearity: kind one of activations.OTHERS (sigmoid, tanh,
+                  softmax, ...), or a call of a kind that cannot be analysed (RReLU in training
+                  mode); params["reason"] says why
+    IDENTITY      output equals input in eval mode (dropout, identity, alias, clone;
+                  contiguous() with params["layout"]: its strides may matter, layout_needed)
     POOL          pools over positions, keeps channels (max/avg/adaptive pooling)
     FLATTEN       merges every dim after the batch dim
     RESHAPE       any other view/reshape/transpose: what it keeps is read from the shapes
@@ -34,7 +37,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import FUNCTION_KINDS, METHOD_KINDS, kind_params, module_kind
+from .activations import (
+    FUNCTION_KINDS,
+    METHOD_KINDS,
+    OTHER_FUNCTIONS,
+    OTHER_METHODS,
+    OTHERS,
+    kind_params,
+    module_kind,
+    other_activation,
+    unanalysed_reason,
+)
 
 aten = torch.ops.aten
 
@@ -92,11 +105,6 @@ _NORM_FUNCTIONS = {F.batch_norm, aten.batch_norm.default}
 _LAYER_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm)
 _LAYER_NORM_FUNCTIONS = {F.layer_norm, aten.layer_norm.default}
 
-_NONLINEAR_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softmax, nn.ELU, nn.Mish)
-_NONLINEAR_FUNCTIONS = {torch.sigmoid, torch.tanh, F.softmax, torch.softmax, F.elu, F.mish,
-                        aten.sigmoid.default, aten.tanh.default, aten._softmax.default,
-                        aten.softmax.int, aten.elu.default, aten.mish.default}
-
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _IDENTITY_MODULE_NAMES = {"DropPath", "Identity"}     # timm's and others' eval-mode no-ops
 _IDENTITY_FUNCTIONS = {F.dropout, aten.dropout.default, aten.alias.default, aten.clone.default,
@@ -139,6 +147,10 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _other(name: str) -> Op:
+    return Op(Role.NONLINEAR, name, {"reason": OTHERS[name].reason})
+
+
 def _module_op(mod: nn.Module) -> Op:
     kind = module_kind(mod)
     if kind is not None:
@@ -156,8 +168,9 @@ def _module_op(mod: nn.Module) -> Op:
         return Op(Role.POOL)
     if isinstance(mod, nn.Flatten):
         return Op(Role.FLATTEN) if mod.start_dim == 1 and mod.end_dim == -1 else Op(Role.RESHAPE)
-    if isinstance(mod, _NONLINEAR_MODULES):
-        return Op(Role.NONLINEAR)
+    other = other_activation(mod)
+    if other is not None:
+        return _other(other)
     return OTHER
 
 
@@ -171,8 +184,8 @@ def _function_op(target) -> Op:
             return Op(role)
     if target in _ARITHMETIC:
         return Op(_ARITHMETIC[target])
-    if target in _NONLINEAR_FUNCTIONS:
-        return Op(Role.NONLINEAR)
+    if target in OTHER_FUNCTIONS:
+        return _other(OTHER_FUNCTIONS[target])
     return OTHER
 
 
@@ -202,6 +215,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
             op = Op(Role.FLATTEN) if arg(node, 1, "start_dim", 0) == 1 else Op(Role.RESHAPE)
         elif name in _RESHAPE_METHODS:
             op = Op(Role.RESHAPE)
+        elif name in OTHER_METHODS:
+            op = _other(OTHER_METHODS[name])
         else:
             op = OTHER
     else:
@@ -213,6 +228,9 @@ def _refine(op: Op, node: fx.Node, mod: nn.Module | None) -> Op:
     """Settle what the target alone does not say (arguments, training flags)."""
     if op.role is Role.ACTIVATION:
         kind, params = kind_params(op.kind, node, mod)
+        reason = unanalysed_reason(kind, params)
+        if reason is not None:
+            return Op(Role.NONLINEAR, kind, {**params, "reason": reason})
         return Op(Role.ACTIVATION, kind, params)
     if op.role is Role.IDENTITY and node.op == "call_function" and node.target in (
             F.dropout, aten.dropout.default):
@@ -234,7 +252,62 @@ def _refine(op: Op, node: fx.Node, mod: nn.Module | None) -> Op:
         return op if (start, end) == (1, -1) else Op(Role.RESHAPE)
     if op.role is Role.CAT:
         return Op(Role.CAT, params={"dim": arg(node, 1, "dim", 0)})
+    if op.role is Role.IDENTITY and _sets_layout(node):
+        return Op(Role.IDENTITY, params={"layout": True})
     return op
+
+
+# ----------------------------------------------------------------------------- memory layout
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, torch.Tensor.view}
+_STRIDE_AGNOSTIC = ARITHMETIC | {Role.LAYER, Role.MATMUL, Role.NORM, Role.LAYER_NORM,
+                                 Role.ACTIVATION, Role.NONLINEAR, Role.POOL, Role.FLATTEN,
+                                 Role.CAT, Role.RESHAPE}
+
+
+def _sets_layout(node: fx.Node) -> bool:
+    """contiguous(), or a clone into a memory format: an op whose output strides differ from
+    its input's (a `view` after `permute` needs them)."""
+    if node.op == "call_method" and node.target == "contiguous":
+        return True
+    if node.target is aten.contiguous.default:
+        return True
+    fmt = node.kwargs.get("memory_format")
+    return fmt is not None and fmt is not torch.preserve_format
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "view"
+    try:
+        return node.op == "call_function" and node.target in _VIEWS
+    except TypeError:  # an unhashable target
+        return False
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """x.shape, x.size(), x.dim(): they read no strides."""
+    return (node.op == "call_function" and node.target is getattr) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))
+
+
+def layout_needed(node: fx.Node, modules: dict) -> bool:
+    """Whether the memory layout `node` produces may matter to what reads it: a `view`, the
+    graph's output, or an op egp_fx does not know reads it (through identity ops). A
+    contiguous() that only such stride-agnostic ops read (layers, activations, arithmetic,
+    reshape) can go; one before a `view` stays."""
+    for user in node.users:
+        if _is_view(user) or user.op == "output":
+            return True
+        if _reads_metadata(user):
+            continue
+        role = classify(user, modules).role
+        if role is Role.IDENTITY:
+            if layout_needed(user, modules):
+                return True
+        elif role not in _STRIDE_AGNOSTIC:
+            return True
+    return False
 
 
 def main_input(node: fx.Node) -> fx.Node | None:

@@ -147,15 +147,28 @@ def describe_node(n: fx.Node) -> str:
     return f"{n.name} ({n.op} {getattr(n.target, '__name__', n.target)})"
 
 
-def failing_node(gm: fx.GraphModule, batch: Batch) -> str | None:
-    """`name (op target)` of the first node that raises on `batch`, or None."""
+def first_failing(gm: fx.GraphModule, batch: Batch) -> fx.Node | None:
+    """The first node that raises on `batch` (run node by node), or None."""
     run = _Tracking(gm)
     try:
         with torch.no_grad():
             run.run(*flat_args(gm, batch))
     except Exception:  # noqa: BLE001  (we only want to know where it failed)
         pass
-    return describe_node(run.failed) if run.failed is not None else None
+    return run.failed
+
+
+def failing_node(gm: fx.GraphModule, batch: Batch) -> str | None:
+    """`name (op target)` of the first node that raises on `batch`, or None."""
+    node = first_failing(gm, batch)
+    return describe_node(node) if node is not None else None
+
+
+def call_quietly(module, batch: Batch):
+    """batch(module), without the traceback of the generated code that torch.fx prints to
+    stderr when a GraphModule raises (GraphModule.__call__ does; its forward does not): a
+    caller that handles the error names the failing node itself (first_failing)."""
+    return batch(module.forward if isinstance(module, fx.GraphModule) else module)
 
 
 def tracking_interpreter(gm: fx.GraphModule) -> _Tracking:

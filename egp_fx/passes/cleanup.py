@@ -1,5 +1,9 @@
 """Cleanup: eval-mode no-ops (dropout, identity, alias, clone) go, then dead code.
 
+A contiguous() (or a clone into a memory format) stays where a `view`, the output or an op of
+unknown needs reads its strides (ops.layout_needed): dropping it would break the model at run
+time.
+
 Also, before the passes run, `unshare` gives each call of a parametrised module its own copy,
 so that a rewrite of one call cannot change another.
 """
@@ -11,7 +15,7 @@ import functools
 import torch.fx as fx
 
 from egp_fx.ir.attrs import module_path
-from egp_fx.ir.ops import Role, main_input
+from egp_fx.ir.ops import Role, layout_needed, main_input
 
 from .base import Candidate, PassContext, PassRun, Rewrite, RewriteKind
 from .registry import register
@@ -43,7 +47,9 @@ def _has_dead_code(gm: fx.GraphModule) -> bool:
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassRun:
     applied = False
     for node in list(gm.graph.nodes):
-        if ctx.ops(node).role is Role.IDENTITY and main_input(node) is not None:
+        op = ctx.ops(node)
+        if op.role is Role.IDENTITY and main_input(node) is not None \
+                and not (op.params.get("layout") and layout_needed(node, ctx.ops.modules)):
             applied = (yield Candidate(node.name, functools.partial(_drop, gm, node))) or applied
     if not applied and _has_dead_code(gm):
         yield Candidate("dead_code", functools.partial(_dead_code, gm))

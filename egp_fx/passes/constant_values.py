@@ -97,18 +97,24 @@ def _norm_const(norm, x: Const) -> Const:
 
 
 def _activation_bound(spec, x: Const) -> torch.Tensor:
-    """Lipschitz <= 1.2 for every supported activation, and no error at all where the input's
-    whole error interval lies in a region the activation maps to a constant (a ReLU of -1 +- e
-    is exactly 0)."""
-    bound = 1.2 * x.bound
+    """The activation's Lipschitz bound times the input's error (1.2 without a spec), plus its
+    jump where the input's error interval straddles a region boundary (Hardshrink, Threshold);
+    no error at all where that whole interval lies in a region the activation maps to a
+    constant (a ReLU of -1 +- e is exactly 0)."""
     if spec is None:
-        return bound
+        return 1.2 * x.bound
+    bound = spec.lipschitz * x.bound
     lo, hi = x.value - x.bound, x.value + x.bound
+    above = (lo > spec.hi) if spec.hi_strict else (lo >= spec.hi)
+    if spec.jump:
+        inside = (hi <= spec.lo) | above | ((lo > spec.lo) & ((hi <= spec.hi) if spec.hi_strict
+                                                               else (hi < spec.hi)))
+        bound = torch.where(inside, bound, bound + spec.jump)
     exact = torch.zeros_like(bound, dtype=torch.bool)
     if spec.low is not None and spec.low.is_constant:
         exact |= hi <= spec.lo
     if spec.high is not None and spec.high.is_constant:
-        exact |= (lo > spec.hi) if spec.hi_strict else (lo >= spec.hi)
+        exact |= above
     return torch.where(exact, torch.zeros_like(bound), bound)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats, select_channels
+from egp_fx.ir.activations import channel_tensor, narrow_channel_tensor
 from egp_fx.ir.attrs import module_path
 from egp_fx.ir.channels import keeps_last_dim
 from egp_fx.ir.layer import Layer, layer_of
@@ -91,7 +92,7 @@ def _after_depthwise(gm, ctx, read: Read) -> tuple[fx.Node | None, Layer | None]
         return None, None
     act, after = None, nxt[0]
     if isinstance(after.meta.get(EGP_META_KEY), ActivationStats):
-        if len(after.users) != 1:
+        if len(after.users) != 1 or after.meta[EGP_META_KEY].spec.channels is not None:
             return None, None
         act, after = after, next(iter(after.users))
     layer = layer_of(gm, after, ctx.ops.modules)
@@ -109,6 +110,9 @@ def _plan(gm, ctx, act, st) -> tuple[dict[int, float], Layer | None, Walk | None
     while keeps_last_dim(src, ctx.ops) and len(src.users) == 1 and single_tensor_input(src):
         pre.append(src)
         src = main_input(src)
+    _, why = channel_tensor(gm, act, ctx.ops(act))
+    if why is not None:
+        return const, None, None, why
     prod = layer_of(gm, src, ctx.ops.modules)
     if prod is None or (pre and not prod.is_linear):
         return const, None, None, Why(Reason.DC_NO_PRODUCER)
@@ -264,6 +268,9 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
         saved += _narrow_depthwise(gm, ctx, r, remove, touched) if _depthwise(r.layer) \
             else _narrow_reader(r, remove)
     act.meta[EGP_META_KEY] = select_channels(st, keep)
+    slopes, _ = channel_tensor(gm, act, ctx.ops(act))
+    if slopes is not None:          # PReLU's per-channel slopes follow its channels
+        narrow_channel_tensor(gm, slopes, keep)
     _update_shapes(walk, prod, act, n - m)
     flops -= sum(layer_flops(r.layer, shape_of(r.layer.node)) for r in walk.reads)
     readers = [r.layer.node.name for r in walk.reads]
@@ -275,7 +282,8 @@ def _apply(gm, ctx, act, st, remove, prod: Layer, walk: Walk) -> Rewrite:
                    params_saved=saved, flops_saved=max(flops, 0), activation=act.name,
                    decision=Decision(DecisionKind.NARROWED, before=n, after=m),
                    path=module_path(act, gm),
-                   tensors=[name for layer in touched for name in layer.tensor_names])
+                   tensors=[name for layer in touched for name in layer.tensor_names]
+                   + ([slopes] if slopes is not None else []))
 
 
 @register(NAME, shapes=True, options=Options)

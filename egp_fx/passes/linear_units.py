@@ -1,7 +1,8 @@
 """linear_units: an activation whose every channel stayed in one linear region becomes that map.
 
 Channel c computes y_c = a_c * z_c + o_c on all calibration data (ReLU ON: a=1, o=0; LeakyReLU
-negative side: a=slope; ReLU6 saturated or a dead unit: a=0, o=const). The call is replaced by
+negative side: a=slope; PReLU negative side: a = its slope for channel c; ReLU6 saturated or a
+dead unit: a=0, o=const). The call is replaced by
 - nothing, when every a_c = 1 and o_c = 0 (identity);
 - otherwise the map is folded into the conv/linear P that writes z (exact):
       W_P' = a * W_P (row c scaled by a_c),  b_P' = a * b_P + o;
@@ -39,10 +40,13 @@ from .util import arithmetic, constant
 NAME = "linear_units"
 
 
-def _fold_into_producer(gm, ctx, act, a, o) -> str | None:
+def _fold_into_producer(gm, ctx, act, st, a, o) -> str | None:
     prod = layer_of(gm, main_input(act), ctx.ops.modules)
     if prod is None or len(prod.node.users) != 1 or prod.shared_with():
         return None
+    ndim = len(shape_of(act) or ())
+    if ndim and st.channel_dim % ndim != prod.out_axis % ndim:
+        return None       # the per-channel map runs along another axis than P's rows
     if prod.groups != 1 and prod.groups != prod.out_channels:
         return None
     w = prod.weight.detach().double()
@@ -74,7 +78,7 @@ def _linearise(gm, ctx, act, st, affine) -> Rewrite:
     if bool((a == 1).all()) and not bool(o.any()):
         act.replace_all_uses_with(main_input(act))
         how = "identity"
-    elif (into := _fold_into_producer(gm, ctx, act, a, o)) is not None:
+    elif (into := _fold_into_producer(gm, ctx, act, st, a, o)) is not None:
         act.replace_all_uses_with(main_input(act))
         how = f"per-channel affine folded into {into}"
     else:

@@ -27,6 +27,7 @@ from torch import nn
 
 from egp_fx import distributed as ranks
 from egp_fx.calibrate.calibration import calibrate, warn_unanalysed
+from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
 from egp_fx.capture import COVERAGE_META_KEY
 from egp_fx.errors import CompressError
 from egp_fx.ir.batches import Batch, iter_batches
@@ -34,6 +35,7 @@ from egp_fx.ir.compare import ErrorMeter, tensor_leaves
 from egp_fx.ir.copying import device_of, own_tensors, structural_copy, tensor_bytes
 from egp_fx.ir.layer import CAPTURE_META_KEY
 from egp_fx.ir.pickling import make_picklable
+from egp_fx.ir.shapes import call_quietly
 from egp_fx.passes import collect_options, pipeline_of
 from egp_fx.passes.base import SHAPES_VALID, PassContext
 from egp_fx.passes.cleanup import unshare
@@ -49,7 +51,7 @@ from .report import (
     CompressReport,
     Transient,
 )
-from .rollback import Run
+from .rollback import Run, only_no_ops
 from .targets import TARGETS, target_options
 from .verify import Verifier
 
@@ -65,7 +67,7 @@ def output_error(gm: nn.Module, batches: list, refs: list[list[torch.Tensor]],
     with torch.no_grad():
         for batch, ref in zip(batches, refs):
             batch = batch if isinstance(batch, Batch) else Batch((batch,))
-            meter.add(tensor_leaves(batch(gm)), ref)
+            meter.add(tensor_leaves(call_quietly(gm, batch)), ref)
     return (combine(meter, what) if combine is not None else meter).error
 
 
@@ -92,12 +94,13 @@ class _Keeper:
     references need no second forward of the original. Past the budget they are dropped and
     recomputed (language-model logits can be large)."""
 
-    BUDGET = 256 * 2 ** 20        # and at most a tenth of the weights
+    BUDGET = 256 * 2 ** 20        # and at most a tenth of the weights, or FLOOR
+    FLOOR = 16 * 2 ** 20          # a small model's outputs are kept whatever its size
 
     def __init__(self, model: nn.Module):
         self.outputs: list[list[torch.Tensor]] | None = []
         self.bytes = 0
-        self.budget = min(self.BUDGET, tensor_bytes(model) // 10)
+        self.budget = min(self.BUDGET, max(tensor_bytes(model) // 10, self.FLOOR))
 
     def __call__(self, batch, out) -> None:
         if self.outputs is None:
@@ -123,6 +126,34 @@ def _heads(outputs: list[list[torch.Tensor]], batches: list[Batch], n: int | Non
         out.append([t[:left] if t.dim() and t.shape[0] == batch.size else t for t in leaves])
         left -= min(left, batch.size)
     return out
+
+
+def _holds(report: CompressReport, tolerance: float) -> bool:
+    errors = [report.max_error] + ([report.holdout_error] if report.holdout_error is not None
+                                   else [])
+    return all(e <= tolerance for e in errors)      # False for NaN and inf
+
+
+def nothing_removed(original: fx.GraphModule, report: CompressReport) -> str | None:
+    """The one line that says compress removed nothing (no rewrite but no-op drops applied),
+    with what calibration saw; None when something was removed."""
+    if not only_no_ops(report.applied):
+        return None
+    units = mixed = calls = 0
+    for node in original.graph.nodes:
+        st = node.meta.get(EGP_META_KEY)
+        if isinstance(st, ActivationStats):
+            affine = st.channel_affine()
+            calls, units, mixed = calls + 1, units + len(affine), mixed + affine.count(None)
+    if units and mixed == units:
+        seen = f"all {units} units of the {calls} analysed activation calls are mixed"
+    elif units:
+        seen = (f"{units - mixed} of {units} units stay in one region, but no rewrite of them "
+                "applies (see the refusals)")
+    else:
+        seen = "no activation call is analysed"
+    folds = "; no fold applies" if not report.applied else "; only no-op nodes were dropped"
+    return f"nothing to remove: {seen}{folds}"
 
 
 def _check_options(passes, cost, target, options: dict) -> tuple[tuple[str, ...], dict]:
@@ -216,15 +247,30 @@ def compress(model: nn.Module, calib_loader: Iterable, *, max_batches: int | Non
 
     timings = WidthTable(latency_fn or timer_for(target)) if cost == "latency" else None
     ctx = PassContext(example, pass_options, timings)
-    gm, verdict = Run(ctx, verifier, report, progress).group(passes, working_copy)
+    run = Run(ctx, verifier, report, progress)
+    gm, verdict = run.group(passes, working_copy)
     release_free_memory()
-    report.after = measure(gm, example)
     # the last verdict holds for gm as it is; it covers all the calibration data when whole
     whole = combine is None and not holdout and (take is None or take >= sum(b.size for b in batches))
     report.max_error = verdict.float32 if whole and verdict is not None else \
         output_error(gm, batches, refs, combine)
     if holdout_loader is not None:
         report.holdout_error = output_error(gm, holdout, holdout_refs, combine, "held-out error")
+    if run.unchecked is gm and not _holds(report, tolerance):
+        # only no-op nodes were dropped, and the measurement above, their check, failed
+        log.info("compress: dropping no-op nodes moved the output (error %.3g); verifying "
+                 "pass by pass", report.max_error)
+        report.rewrites, report.refusals, report.passes = [], [], []
+        run.trust_no_ops = False
+        gm, verdict = run.group(passes, working_copy)
+        report.max_error = output_error(gm, batches, refs, combine)
+        if holdout_loader is not None:
+            report.holdout_error = output_error(gm, holdout, holdout_refs, combine,
+                                                "held-out error")
+    report.after = measure(gm, example)
+    report.nothing_removed = nothing_removed(original, report)
+    if report.nothing_removed:
+        log.info("compress: %s", report.nothing_removed)
     del refs, verifier        # the result gets its own copy of the weights last: the peak is
     if not share_weights:     # that copy, not that copy plus a forward's activations
         own_tensors(gm, model)

@@ -68,6 +68,7 @@ class CompressReport:
     target: str = "ort-cpu"
     capture: object = None                                      # capture.CaptureInfo
     coverage: object = None                                     # capture.Coverage
+    nothing_removed: str | None = None                          # the line saying so, if so
 
     @property
     def applied(self) -> list[Rewrite]:
@@ -121,6 +122,7 @@ class CompressReport:
                            "tolerance": self.tolerance, "max_error": self.max_error,
                            "holdout_error": self.holdout_error, "seconds": self.seconds,
                            "target": self.target, "capture": capture, "coverage": coverage,
+                           "nothing_removed": self.nothing_removed,
                            "passes": [asdict(p) for p in self.passes],
                            "rewrites": [rewrite(r) for r in self.rewrites],
                            "refusals": [refusal(r) for r in self.refusals]})
@@ -142,9 +144,11 @@ class CompressReport:
             f"refused: {len(self.refusals)}; max relative output error {self.max_error:.2e} "
             f"(tolerance {self.tolerance:.0e})",
         ]
+        if self.nothing_removed:
+            lines.append(self.nothing_removed)
         if self.capture is not None and hasattr(self.capture, "describe"):
             lines.append(self.capture.describe())
-        if getattr(self.coverage, "unanalysed", 0):
+        if getattr(self.coverage, "unanalysed", 0) or getattr(self.coverage, "other", None):
             lines.append(self.coverage.describe())
         return "\n".join(lines)
 

@@ -10,8 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from egp_fx.ir.compare import ErrorMeter, run_float64, tensor_leaves
+from egp_fx.ir.shapes import call_quietly, first_failing
 from egp_fx.passes.reasons import Reason, Why
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,13 @@ class Verdict:
     error: float                  # the deciding error (float64 when re-checked; inf: see why)
     why: Why                      # BEYOND/WITHIN_TOLERANCE, OUTPUT_RAISES, OUTPUT_INVALID
     float32: float | None = None  # the float32 error on the verification batches, when finite
+
+
+def _raised(err: BaseException, gm, batch) -> str:
+    """One line: what a trial module raised, and at which node."""
+    text = f"raises {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    node = first_failing(gm, batch) if isinstance(gm, fx.GraphModule) else None
+    return text + (f" at {node.format_node()}" if node is not None else "")
 
 
 class Verifier:
@@ -53,17 +62,20 @@ class Verifier:
         self._float64: bool | None = None      # None: not tried yet
         self.noise = 0.0
 
-    def _measure(self, run, refs, what: str = "verify") -> tuple[ErrorMeter, bool]:
+    def _measure(self, run, refs, what: str = "verify", gm=None) -> tuple[ErrorMeter, bool]:
         """(the error over all batches, whether the module raised, on any rank); a module that
-        raises fails with the exception as the meter's reason."""
+        raises fails with the exception and the node that raised (node.format_node()) as the
+        meter's reason: one line in the log at INFO, the traceback at DEBUG, nothing printed."""
         meter, raised = ErrorMeter(), None
         with torch.no_grad():
             for batch, ref in zip(self.batches, refs):
                 try:
                     out = run(batch)
                 except Exception as err:  # noqa: BLE001  (a broken rewrite is rolled back, named)
-                    raised = f"raises {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    raised = _raised(err, gm, batch)
                     meter.reason = raised
+                    log.info("trial %s", raised)
+                    log.debug("the trial's traceback", exc_info=True)
                     break
                 meter.add(out, ref)
                 if meter.failed:
@@ -98,12 +110,13 @@ class Verifier:
     def error(self, gm, limit: float = 0.0) -> tuple[ErrorMeter, bool, float | None]:
         """(the deciding measure of gm, whether it raised, its float32 error when finite): the
         float32 measure, or the float64 one beyond `limit` (unless gm raises in float64)."""
-        meter, raised = self._measure(lambda b: tensor_leaves(b(gm)), self.refs32, "float32 error")
+        meter, raised = self._measure(lambda b: tensor_leaves(call_quietly(gm, b)), self.refs32,
+                                      "float32 error", gm)
         float32 = None if meter.failed else meter.error
         if meter.failed or meter.error <= limit or not self._float64_ready():
             return meter, raised, float32
         meter64, raised64 = self._measure(lambda b: run_float64(gm, b), self._refs64,
-                                          "float64 error")
+                                          "float64 error", gm)
         return (meter, raised, float32) if raised64 else (meter64, False, float32)
 
     def judge(self, gm, rewrites) -> Verdict:
