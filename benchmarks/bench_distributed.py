@@ -38,7 +38,8 @@ import torchvision
 from _common import add_results_arg, header, setup_logging, write
 
 import egp_fx
-from egp_fx.distributed import backend_device, calibration, launch
+from egp_fx.calibrate import ranks as across
+from egp_fx.distributed import backend_device, launch
 from egp_fx.pruning.models import resnet18_cifar
 
 MODELS = {"digits": ((3, 32, 32), "ResNet-18, CIFAR stem, width x0.25 (egp_fx.pruning.models)"),
@@ -67,7 +68,7 @@ def worker(args) -> None:
     device = launch.rank_device(args.device) or "cpu"
     model = _model(args.model).to(device)
     mine = [b.to(device) for b in _batches(args)[rank::world]]
-    real_reduce, reduce_s = calibration.reduce, []
+    real_reduce, reduce_s = across.reduce, []
 
     def timed_reduce(*a, **k):
         t0 = time.perf_counter()
@@ -76,7 +77,7 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         reduce_s.append(time.perf_counter() - t0)
 
-    calibration.reduce = timed_reduce
+    across.reduce = timed_reduce
     egp_fx.calibrate(model, mine[:1], progress=False)                # warm-up
     times = []
     for _ in range(args.repeats):
