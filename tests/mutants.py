@@ -255,6 +255,33 @@ MUTANTS = (
            "        if done is not None and self.trust_no_ops and only_no_ops(rewrites):",
            "        if False:",
            ("tests/test_as_written.py",)),
+    Mutant("export-keeps-slowest", "export_onnx keeps the exporter measured slowest",
+           "egp_fx/deploy/onnx.py",
+           "    return min(order, key=lambda e: (round(score(e), 12), order.index(e)))",
+           "    return max(order, key=lambda e: (round(score(e), 12), order.index(e)))",
+           ("tests/test_export_choice.py",)),
+    Mutant("sizes-baked", "a torch.export capture's sizes reach the TorchScript exporter as "
+           "ints: the example's batch size is baked into the file",
+           "egp_fx/deploy/traced_sizes.py",
+           '            node.op, node.target = "call_method", "size"',
+           "            pass",
+           ("tests/test_export_choice.py",)),
+    Mutant("reshape-no-minus-one", "a reshape with one symbolic entry keeps a traced size "
+           "instead of -1 (a Shape/Gather chain instead of a constant shape)",
+           "egp_fx/deploy/traced_sizes.py",
+           "        shape[symbolic[0]] = -1",
+           "        pass",
+           ("tests/test_export_choice.py",)),
+    Mutant("deliverable-never-slower-unchecked", "the compressed file is written even when "
+           "measured slower", "egp_fx/deploy/deliverable.py",
+           "    verdict.slower = verdict.mean_speed < SLOWER",
+           "    verdict.slower = False",
+           ("tests/test_export_choice.py",)),
+    Mutant("default-form-on-torch-backends", "the torch.onnx.export default-form file is handed "
+           "to the torch backends too (a skipped row each)", "egp_fx/bench/run.py",
+           '            space = ws if name.startswith("ort-") or not onnx_only else \\',
+           "            space = ws if True else \\",
+           ("tests/test_export_choice.py",)),
 )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 import egp_fx
 from egp_fx import passes
 from egp_fx.passes.base import Candidate, Rewrite
+from egp_fx.passes.reasons import Reason
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -116,15 +117,19 @@ def test_contiguous_that_no_view_needs_goes():
     assert [r.kind for r in egp_fx.report_of(gm).applied] == ["drop_noop"]
 
 
+class DropKind(str, enum.Enum):
+    DROP = "drop"
+
+
 @pytest.fixture
 def drop_every_contiguous():
     """A pass that drops contiguous() whatever reads it: its trial breaks the view."""
     def drop(gm, node):
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-        return Rewrite("drop_contiguous", "drop", node.name, [node.name], True, "dropped")
+        return Rewrite("drop_contiguous", DropKind.DROP, node.name, [node.name], True, "dropped")
 
-    @passes.register("drop_contiguous", positions=(95,))
+    @passes.register("drop_contiguous")
     def run(gm, ctx):
         for node in list(gm.graph.nodes):
             if node.op == "call_method" and node.target == "contiguous":
@@ -138,7 +143,8 @@ def test_a_failing_trial_is_one_log_line_naming_the_node_and_no_traceback(
     model = Permuted().eval()
     x = torch.randn(8, 3, 6, 6)
     with caplog.at_level(logging.INFO, logger="egp_fx"):
-        gm = egp_fx.compress(model, [x], progress=False)
+        gm = egp_fx.compress(model, [x], passes=(*passes.DEFAULT_PIPELINE, "drop_contiguous"),
+                             progress=False)
     out, err = capfd.readouterr()
     assert "Traceback" not in err + out and "generated forward" not in err + out
     report = egp_fx.report_of(gm)
@@ -146,6 +152,7 @@ def test_a_failing_trial_is_one_log_line_naming_the_node_and_no_traceback(
     view = ("%view : [num_users=1] = call_method[target=view](args = (%permute, -1, 64), "
             "kwargs = {})")                   # the trial graph's node: it reads the permute
     [refusal] = report.refusals
+    assert refusal.code is Reason.ROLLED_BACK
     assert refusal.reason.startswith("rolled back: output raises RuntimeError: view size is not")
     assert refusal.reason.endswith(f" at {view}")
     trials = [r for r in caplog.records if r.getMessage().startswith("trial raises")]

@@ -305,8 +305,9 @@ def test_torch_rows_name_their_baseline_with_batchnorm_folded():
                                                 "as given (no BatchNorm)"]
     assert {r.baseline for r in torch_rows} == {"original: BatchNorm folded (torch.fx fuse)"}
     ort_rows = [r for r in res.rows if r.backend == "ort-cpu"]
-    assert {r.baseline for r in ort_rows} == \
-        {"original: ONNX (torchscript exporter), ORT graph optimisation 'all'"}
+    baselines = {r.baseline for r in ort_rows}     # the exporter is the one measured fastest
+    assert baselines in ({"original: ONNX (torchscript exporter), ORT graph optimisation 'all'"},
+                         {"original: ONNX (dynamo exporter), ORT graph optimisation 'all'"})
     text = res.to_markdown()
     assert "| 1.000x | original: BatchNorm folded (torch.fx fuse) |" in text
     assert "- original on torch-cpu fp32: BatchNorm folded (torch.fx fuse)" in text

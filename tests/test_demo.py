@@ -15,8 +15,10 @@ def test_demo_quick_through_the_command_line(tmp_path, capsys):
     for name in ("original.onnx", "compressed.onnx", "report.html", "bench.json"):
         assert (tmp_path / name).stat().st_size > 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {"original", "compressed"}
+    assert [r["model"] for r in rows] == ["original", "original (torch.onnx.export default)",
+                                          "compressed"]
     assert all(r["median_ms"] > 0 for r in rows)
+    assert "that of the original as torch.onnx.export writes it by default" in out
     depth = {r["model"]: r["layers_on_longest_path"] for r in rows}
     assert depth["compressed"] < depth["original"] == 18
 

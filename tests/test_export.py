@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 import egp_fx.deploy.onnx as export_mod
-from egp_fx.deploy.onnx import ExportError, ExportResult, default_opset, export_onnx
+from egp_fx.deploy.onnx import Choice, ExportError, ExportResult, default_opset, export_onnx
 from egp_fx.errors import EGPError
 
 
@@ -82,8 +82,13 @@ def test_export_matches_torch_at_batch_1_and_3(tmp_path, make):
     result = export_onnx(model, path, torch.randn(1, 3, 12, 12))
     assert isinstance(result, ExportResult)
     assert result.path == path and path.is_file()
-    assert result.exporter == "torchscript"  # the fast path works for these models
-    assert result.opset == default_opset("torchscript")
+    # both exporters pass for these models; the file is the one measured fastest
+    assert [(t.exporter, t.passed) for t in result.trials] == [("torchscript", True),
+                                                               ("dynamo", True)]
+    assert result.choice is Choice.FASTEST
+    assert result.opset == default_opset(result.exporter)
+    assert sorted(result.trials[0].latency_ms) == [1, 32]
+    assert not list(tmp_path.glob(".egp_export_*"))    # the other candidate is gone
     assert 0.0 <= result.max_abs_err <= 1e-5
     onnx.checker.check_model(str(path))
     batch_axis = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
@@ -112,8 +117,9 @@ class Attention(nn.Module):
 def test_traced_forward_with_default_arguments_uses_the_fast_exporter(tmp_path):
     model = fx.symbolic_trace(Attention())
     assert [n.op for n in model.graph.nodes][:3] == ["placeholder"] * 3
-    result = export_onnx(model, tmp_path / "a.onnx", torch.randn(1, 5, 8))
-    assert result.exporter == "torchscript"
+    result = export_onnx(model, tmp_path / "a.onnx", torch.randn(1, 5, 8),
+                         exporters=("torchscript",))
+    assert result.exporter == "torchscript" and result.choice is Choice.ONE_TRIED
     x = torch.randn(3, 5, 8)
     with torch.no_grad():
         want = model(x)
@@ -210,15 +216,16 @@ def test_check_false_skips_parity(tmp_path):
 def test_falls_back_to_the_next_exporter(tmp_path, monkeypatch):
     real = export_mod._export
 
-    def torchscript_broken(model, path, batch, names, outs, dims, exporter, *args):
+    def torchscript_broken(model, path, batch, spec, outs, exporter, *args):
         if exporter == "torchscript":
             raise RuntimeError("torchscript exporter is gone")
-        return real(model, path, batch, names, outs, dims, exporter, *args)
+        return real(model, path, batch, spec, outs, exporter, *args)
 
     monkeypatch.setattr(export_mod, "_export", torchscript_broken)
     model = graph_module()
     result = export_onnx(model, tmp_path / "f.onnx", torch.randn(1, 3, 12, 12))
-    assert result.exporter == "dynamo"
+    assert result.exporter == "dynamo" and result.choice is Choice.ONLY_ONE_PASSED
+    assert not result.trials[0].passed and "torchscript exporter is gone" in result.trials[0].error
     assert result.opset == default_opset("dynamo")
     x = torch.randn(3, 3, 12, 12)  # the dynamo path traces at batch 2: check another size
     with torch.no_grad():

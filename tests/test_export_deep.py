@@ -71,27 +71,31 @@ def _assert_exported(result, path) -> None:
     assert result.max_rel_err <= max(result.tolerance, floor)
 
 
-def _check(name: str, seed: int, tmp_path) -> None:
+def _check(name: str, seed: int, tmp_path, choose: str) -> None:
+    """choose="first": the first exporter that passes (quick); "latency": every exporter must
+    pass, since the file kept is the one measured fastest."""
     model, calib = planted(name, seed)
-    result = export_onnx(model, tmp_path / f"{name}.onnx", calib[0])
+    result = export_onnx(model, tmp_path / f"{name}.onnx", calib[0], choose=choose)
     _assert_exported(result, tmp_path / f"{name}.onnx")
+    assert all(t.passed for t in result.trials), result.trials
     small = egp_fx.compress(model, calib, progress=False)
     report = egp_fx.report_of(small)
     assert report.after.params < report.before.params and not report.rolled_back
-    result = export_onnx(small, tmp_path / f"{name}-compressed.onnx", calib[0])
+    result = export_onnx(small, tmp_path / f"{name}-compressed.onnx", calib[0], choose=choose)
     _assert_exported(result, tmp_path / f"{name}-compressed.onnx")
+    assert all(t.passed for t in result.trials), result.trials
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_deep_random_networks_export_uncompressed_and_compressed(name, tmp_path):
-    _check(name, 0, tmp_path)
+    _check(name, 0, tmp_path, "first")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_seed_sweep(name, seed, tmp_path):
-    _check(name, seed, tmp_path)
+def test_seed_sweep_with_every_exporter(name, seed, tmp_path):
+    _check(name, seed, tmp_path, "latency")
 
 
 def test_a_corrupted_weight_is_refused_in_a_deep_network(tmp_path, monkeypatch):

@@ -14,14 +14,18 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from egp_fx.deploy.default_form import export_default_form
+from egp_fx.errors import ExportError
 from egp_fx.ir.batches import Batch, as_batch
 from egp_fx.runtime.timing import measure_cell
 
@@ -36,7 +40,8 @@ log = logging.getLogger(__name__)
 def benchmark(models: Mapping[str, ModelLike], example_inputs, *,
               batch_sizes: Iterable[int] = (1,), backends: Iterable[str] = ("ort-cpu",),
               repeats: int = 50, warmup: int = 10, threads: int | None = None,
-              workdir: str | os.PathLike | None = None, **options) -> BenchResult:
+              workdir: str | os.PathLike | None = None, default_form_of: Iterable[str] = (),
+              **options) -> BenchResult:
     """Measure every model on every backend/variant/batch size, interleaved.
 
     `models` maps names to nn.Modules (or to .onnx files, ONNX Runtime backends only); the first
@@ -50,25 +55,74 @@ def benchmark(models: Mapping[str, ModelLike], example_inputs, *,
     and fold_batchnorm (True: every model runs with its BatchNorm folded, as a user would deploy
     it) for the torch backends. Rows say how each model was prepared and which row their speedup
     is relative to.
+
+    On the ONNX Runtime backends a model is timed in the fastest form export_onnx finds; each
+    model named in `default_form_of` is also timed as torch.onnx.export's defaults write it, as
+    the row "<name> (torch.onnx.export default)" right after it: what a user deploys without
+    egp_fx (egp_fx.deploy.default_form; a model that does not export so is skipped with why).
     """
     backends, batch_sizes = tuple(backends), tuple(batch_sizes)
     settings = RunSettings(repeats, warmup, threads)
     own = _validate(models, backends, batch_sizes, settings, options)
     env = environment(threads)  # before the run: the load average is the one we ran under
     make_input = _input_maker(example_inputs)
-    sizes = {name: _sizes(m, make_input(1)) for name, m in models.items()}
     recorded = {"repeats": repeats, "warmup": warmup, "batch_sizes": list(batch_sizes),
                 "order": "round-robin", "threads": threads if threads is not None else "default"}
     rows: list[BenchRow] = []
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="egp_bench_") as tmp:
-        ws = Workspace(models, make_input, settings, Path(workdir or tmp))
-        for name in backends:
-            backend = BACKENDS[name](ws, own[BACKENDS[name].Settings])
+        folder = Path(workdir or tmp)
+        onnx_only = _default_forms(models, tuple(default_form_of), backends, make_input(1),
+                                   folder, skipped)
+        models = _after_their_originals(models, onnx_only)
+        sizes = {name: _sizes(m, make_input(1)) for name, m in models.items()}
+        ws = Workspace(models, make_input, settings, folder)
+        ws.files.update({name: str(path) for name, path in onnx_only.items()})
+        for name in backends:   # the default-form files run on the ONNX Runtime backends only
+            space = ws if name.startswith("ort-") or not onnx_only else \
+                replace(ws, models={k: v for k, v in models.items() if k not in onnx_only})
+            backend = BACKENDS[name](space, own[BACKENDS[name].Settings])
             recorded.update(backend.recorded_settings())
-            rows += _run_backend(backend, ws, batch_sizes, sizes, skipped)
+            rows += _run_backend(backend, space, batch_sizes, sizes, skipped)
     files = ws.files if workdir is not None else {}
     return BenchResult(rows, env, recorded, skipped, files)
+
+
+DEFAULT_FORM_SUFFIX = " (torch.onnx.export default)"
+
+
+def _default_forms(models, names: tuple[str, ...], backends, example: Batch, folder: Path,
+                   skipped: list[dict]) -> dict[str, Path]:
+    """Row name -> ONNX file of torch.onnx.export's default form, for each model in `names`
+    (only when an ONNX Runtime backend runs)."""
+    unknown = [n for n in names if n not in models or not isinstance(models[n], nn.Module)]
+    if unknown:
+        raise ValueError(f"default_form_of names {unknown}, which are not modules in `models`")
+    if not any(b.startswith("ort-") for b in backends):
+        return {}
+    out = {}
+    for name in names:
+        row = name + DEFAULT_FORM_SUFFIX
+        path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.torch-default.onnx"
+        try:
+            result = export_default_form(models[name], path, example)
+        except ExportError as exc:
+            log.warning("skipping %s: %s", row, exc)
+            skipped.append({"model": row, "backend": "*", "variant": "*", "reason": str(exc)})
+            continue
+        log.info("%s: %s exporter, opset %d", row, result.exporter, result.opset)
+        out[row] = path
+    return out
+
+
+def _after_their_originals(models, forms: dict[str, Path]) -> dict:
+    """The models in order, each default-form row right after its model."""
+    out = {}
+    for name, model in models.items():
+        out[name] = model
+        if name + DEFAULT_FORM_SUFFIX in forms:
+            out[name + DEFAULT_FORM_SUFFIX] = forms[name + DEFAULT_FORM_SUFFIX]
+    return out
 
 
 def _run_backend(backend: Backend, ws: Workspace, batch_sizes, sizes, skipped) -> list[BenchRow]:

@@ -21,6 +21,7 @@ from egp_fx.pipeline.report import original_of, report_of
 
 from .data import CalibrationData, DataError, calibration_data, parse_input_size
 from .models import default_input_size, load_model
+from .verdict import verdict_lines
 
 log = logging.getLogger(__name__)
 DEFAULT_CALIB_BATCHES = 4
@@ -101,6 +102,28 @@ def _export(module, path: Path, example, opset: int | None = None):
     return export_onnx(module, path, example[:1], opset=opset)
 
 
+def _deliver(args, inputs: _Inputs, gm, path: Path, opset: int | None = None):
+    """The faster of compressed and original as ONNX at `path` (egp_fx.deploy.deliverable);
+    a warning says so, with the reason, when that is the original."""
+    from egp_fx.deploy.deliverable import export_deliverable
+    delivered = export_deliverable(inputs.model, gm, path, inputs.data.example[:1],
+                                   report=report_of(gm), opset=opset)
+    if delivered.message():
+        _warn(args, delivered.message())
+    return delivered
+
+
+def _delivered(d) -> dict:
+    """The JSON record of a Deliverable."""
+    v = d.verdict
+    return {"written": d.written, "target": v.target,
+            "latency_ms": {str(b): t for b, t in v.latency_ms.items()},
+            "speed": {str(b): s for b, s in v.speed.items()}, "slower": v.slower,
+            "reason": v.reason.value if v.reason else None, "facts": v.facts,
+            "message": d.message(), "exporters": {"original": d.original.exporter,
+                                                  "compressed": d.compressed.exporter}}
+
+
 def run_compress(args) -> tuple[dict, str]:
     inputs = _inputs(args)
     gm = _compressed(args, inputs)
@@ -115,8 +138,10 @@ def run_compress(args) -> tuple[dict, str]:
         result["files"]["report.json"] = str(out / "report.json")
         result["files"]["report.html"] = str(ins.write_html(out / "report.html"))
         if not args.no_onnx:
-            try:
-                result["files"]["model.onnx"] = str(_export(gm, out / "model.onnx", inputs.data.example).path)
+            try:      # the faster of compressed and original (the warning says when original)
+                delivered = _deliver(args, inputs, gm, out / "model.onnx")
+                result["files"]["model.onnx"] = str(delivered.path)
+                result["deliverable"] = _delivered(delivered)
             except Exception as err:  # the report is written; say that the export failed
                 result.update(exit_code=EXIT_EXPORT, error=f"ONNX export failed: {err}")
                 print(f"egp-fx: error: ONNX export failed: {err}", file=sys.stderr)
@@ -162,17 +187,30 @@ def _flat(values) -> list[str]:
 
 
 def run_export(args) -> tuple[dict, str]:
+    """The compressed model's ONNX file, or the original's when the compressed one runs slower
+    on the target (the message says so and why); --original: the original's."""
     inputs = _inputs(args)
     module = inputs.model if args.original else _compressed(args, inputs)
     if not is_writer():
         return {}, ""
-    res = _export(module, Path(args.out), inputs.data.example, args.opset)
+    delivered = None if args.original else _deliver(args, inputs, module, Path(args.out),
+                                                    args.opset)
+    res = delivered.original if delivered and delivered.written == "original" else \
+        delivered.compressed if delivered else _export(module, Path(args.out),
+                                                       inputs.data.example, args.opset)
     result = {**_base(args, inputs), "path": str(res.path), "opset": res.opset,
               "exporter": res.exporter, "max_abs_err": res.max_abs_err,
-              "max_rel_err": res.max_rel_err, "compressed": not args.original}
-    what = "original" if args.original else "compressed"
-    return result, (f"wrote {res.path} ({what} model, opset {res.opset}, {res.exporter}; "
-                    f"max relative error vs torch {res.max_rel_err})")
+              "max_rel_err": res.max_rel_err, "compressed": not args.original,
+              "written": delivered.written if delivered else "original",
+              "exporter_choice": res.describe_choice()}
+    text = (f"wrote {res.path} ({result['written']} model, opset {res.opset}, "
+            f"{res.describe_choice()}; max relative error vs torch {res.max_rel_err})")
+    if delivered:
+        result["deliverable"] = _delivered(delivered)
+        text += (f"\n{delivered.message()}" if delivered.message() else
+                 f"\nspeed of the compressed model against the original on "
+                 f"{delivered.verdict.target}: {delivered.verdict.speeds()}")
+    return result, text
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -197,7 +235,8 @@ def run_bench(args) -> tuple[dict, str]:
     try:
         bench = benchmark({"original": inputs.model, "compressed": gm}, inputs.data.example[:1],
                           batch_sizes=sizes, backends=backends, repeats=args.repeats,
-                          warmup=args.warmup, threads=args.threads, torch_variants=variants)
+                          warmup=args.warmup, threads=args.threads, torch_variants=variants,
+                          default_form_of=("original",))
     except ValueError as err:          # rejected settings
         raise CLIError(f"bench: {err}", EXIT_USAGE) from err
     except Exception as err:  # export or runtime failure inside the benchmark
@@ -212,8 +251,14 @@ def run_bench(args) -> tuple[dict, str]:
         files["plot"] = str(bench.plot(args.plot))
     if args.html:
         files["html"] = str(_inspection(args, inputs, gm, bench).write_html(args.html))
-    result = {**_base(args, inputs), **bench.to_dict(), "files": files}
-    return result, bench.to_markdown() + "".join(f"\nwrote {p}" for p in files.values())
+    verdicts = verdict_lines(bench, report_of(gm))
+    for v in verdicts:
+        if v.slower:
+            _warn(args, v.text)
+    result = {**_base(args, inputs), **bench.to_dict(), "files": files,
+              "verdicts": [v._asdict() for v in verdicts]}
+    return result, (bench.to_markdown() + "".join(f"\n{v.text}" for v in verdicts)
+                    + "".join(f"\nwrote {p}" for p in files.values()))
 
 
 def _check_classes(inputs: _Inputs, args) -> None:

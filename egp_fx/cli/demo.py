@@ -5,8 +5,10 @@ that ships beside it and pruned with EGP by benchmarks/make_demo_checkpoint.py. 
 1. loads it and the fixed validation split (360 real handwritten digits),
 2. calibrates and compresses it on training images (egp_fx.compress),
 3. checks top-1 accuracy on the held-out split before and after (they must agree),
-4. exports both to ONNX (with an onnxruntime parity check) and benchmarks original against
-   compressed on onnxruntime CPU, interleaved in one process,
+4. exports both to ONNX, each in its fastest form (with an onnxruntime parity check; a warning
+   if the compressed one is slower), and benchmarks original against compressed on onnxruntime
+   CPU, interleaved in one process, the original also as torch.onnx.export writes it by
+   default,
 5. prints the tables and writes a self-contained HTML report.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from egp_fx.bench import benchmark
+from egp_fx.deploy.deliverable import compare
 from egp_fx.deploy.onnx import export_onnx
 from egp_fx.errors import EXIT_COMPRESS, EXIT_OK, EXIT_USAGE
 from egp_fx.inspect import inspect
@@ -27,6 +30,8 @@ from egp_fx.pipeline.compress import compress
 from egp_fx.pipeline.report import report_of
 from egp_fx.pruning.datasets import load_digits_data
 from egp_fx.pruning.models import DEMO_CHECKPOINT, load_demo_model
+
+from .verdict import verdict_lines
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +86,21 @@ def main(argv: list[str] | None = None) -> int:
           f"({changed} of {len(labels)} predictions differ)")
 
     example = data.val.tensors[0][:1]
+    exported = {}
     for name, module in (("original", model), ("compressed", gm)):
-        res = export_onnx(module, out / f"{name}.onnx", example)
+        res = exported[name] = export_onnx(module, out / f"{name}.onnx", example)
         print(f"exported {res.path} (opset {res.opset}, {res.exporter}): onnxruntime vs torch "
               f"max abs err {res.max_abs_err:.2e}")
+    verdict = compare(exported["original"], exported["compressed"], example, report=report)
+    if verdict.slower:
+        print(f"warning: {verdict.message()}", file=sys.stderr)
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     bench = benchmark({"original": model, "compressed": gm}, example, batch_sizes=sizes,
-                      backends=("ort-cpu",), repeats=args.repeats, threads=args.threads)
+                      backends=("ort-cpu",), repeats=args.repeats, threads=args.threads,
+                      default_form_of=("original",))
     print("\n" + bench.to_markdown())
+    for line in verdict_lines(bench, report):
+        print(line.text)
     bench.to_json(out / "bench.json")
     inspection = inspect(gm, example_input=example, bench=bench, title="egp_fx demo")
     print("\n" + str(inspection.table))

@@ -8,8 +8,8 @@ save():
    tensors or a dict of tensors) and a CPU copy of the module in eval mode (the module is not
    changed);
 2. exports it with torch.export (non-strict). The batch axis (dim 0 of every input) is
-   dynamic, and so is the sequence axis (dim 1 of 2-D keyword inputs, `dynamic_sequence`,
-   default: when the inputs are keywords). It tries named dimensions from 1 up, then
+   dynamic, and so is the sequence axis (dim 1 of 2-D inputs, `dynamic_sequence`, default: when
+   the inputs are keywords): the description of inputs and axes export_onnx uses (inputs.py). It tries named dimensions from 1 up, then
    torch.export's own inference (Dim.AUTO, which bounds a sequence by the model's position
    table), then static shapes; the file records which axes ended up dynamic;
 3. checks the program against the module on the example (and, with a dynamic batch, on the
@@ -45,6 +45,8 @@ from egp_fx.ir.compare import ErrorMeter, tensor_leaves
 from egp_fx.ir.copying import moved, structural_copy, tensor_bytes
 from egp_fx.ir.pickling import pickled_meta
 from egp_fx.pipeline.report import EXAMPLE_META_KEY, REPORT_META_KEY
+
+from .inputs import BATCH, SEQUENCE, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,34 +86,16 @@ def _example(module: nn.Module, example) -> Batch:
     return as_batch(example)
 
 
-def _names(batch: Batch) -> list[str]:
-    return list(batch.kwargs) if batch.kwargs else [f"args[{i}]" for i in range(len(batch.args))]
-
-
-def _shapes(batch: Batch, batch_dim, seq_dim):
-    def dims(t: torch.Tensor, keyword: bool) -> dict | None:
-        out = {0: batch_dim} if batch_dim is not None and t.dim() else {}
-        if keyword and seq_dim is not None and t.dim() == 2:
-            out[1] = seq_dim
-        return out or None
-    if batch.kwargs:
-        return {k: dims(t, True) for k, t in batch.kwargs.items()}
-    return tuple(dims(t, False) for t in batch.args)
-
-
-def _export(model: nn.Module, batch: Batch, dynamic_batch: bool, dynamic_sequence: bool):
+def _export(model: nn.Module, batch: Batch, spec: InputSpec):
     """The ExportedProgram, trying named dynamic dims, then Dim.AUTO, then static shapes."""
     attempts = []
-    if dynamic_batch or dynamic_sequence:
-        attempts += [(Dim("batch", min=1) if dynamic_batch else None,
-                      Dim("sequence", min=1) if dynamic_sequence else None),
-                     (Dim.AUTO if dynamic_batch else None, Dim.AUTO if dynamic_sequence else None)]
+    if spec.dynamic:
+        attempts += [(Dim("batch", min=1), Dim("sequence", min=1)), (Dim.AUTO, Dim.AUTO)]
     attempts.append((None, None))
-    if dynamic_batch and batch.size == 1:    # export specialises a dimension of size one
-        batch = batch.map(lambda t: torch.cat([t, t]) if t.dim() else t)
+    batch = spec.exportable(batch)
     failures = []
     for batch_dim, seq_dim in attempts:
-        shapes = _shapes(batch, batch_dim, seq_dim) if batch_dim or seq_dim else None
+        shapes = spec.dynamic_shapes(batch_dim, seq_dim) if batch_dim is not None else None
         try:
             with torch.no_grad():
                 return torch.export.export(model, batch.args, kwargs=dict(batch.kwargs),
@@ -124,15 +108,15 @@ def _export(model: nn.Module, batch: Batch, dynamic_batch: bool, dynamic_sequenc
                     + ". torch.save(module) stores it as Python code instead")
 
 
-def _dynamic_axes(program, batch: Batch) -> dict[str, dict[int, str]]:
+def _dynamic_axes(program, spec: InputSpec) -> dict[str, dict[int, str]]:
     """Input name -> {axis: name} of the axes the program left symbolic."""
     user = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     out = {}
-    for name, spec in zip(_names(batch), user):
-        val = nodes[spec.arg.name].meta.get("val")
+    for name, axes_asked, input_spec in zip(spec.names("program"), spec.axes, user):
+        val = nodes[input_spec.arg.name].meta.get("val")
         shape = getattr(val, "shape", ())
-        axes = {i: ("batch" if i == 0 else "sequence") for i, d in enumerate(shape)
+        axes = {i: axes_asked.get(i, BATCH if i == 0 else SEQUENCE) for i, d in enumerate(shape)
                 if not isinstance(d, int)}
         if axes:
             out[name] = axes
@@ -156,11 +140,12 @@ def save(module: nn.Module, path: str | Path, example: Any = None, *, dynamic_ba
     the program and return its record with bytes 0)."""
     path = Path(path)
     batch = _example(module, example).map(lambda t: t.detach().cpu())
-    dynamic_sequence = bool(batch.kwargs) if dynamic_sequence is None else dynamic_sequence
+    spec = InputSpec.of(batch, dynamic_batch, dynamic_sequence)
     model = moved(structural_copy(module), "cpu").eval()
-    program = _export(model, batch, dynamic_batch, dynamic_sequence)
-    dynamic = _dynamic_axes(program, batch)
-    if (dynamic_batch or dynamic_sequence) and not dynamic:
+    program = _export(model, batch, spec)
+    dynamic = _dynamic_axes(program, spec)
+    names = spec.names("program")
+    if spec.dynamic and not dynamic:
         log.warning("saving %s with static shapes: torch.export could not keep an axis dynamic",
                     path)
     checks = [batch] + ([batch.map(lambda t: torch.cat([t, t]) if t.dim() else t)]
@@ -170,19 +155,19 @@ def save(module: nn.Module, path: str | Path, example: Any = None, *, dynamic_ba
         raise SaveError(f"the exported program differs from the module: relative output error "
                         f"{err:.3g} (tolerance {tolerance:g})")
     report = _report_json(module)
-    info = {"format": FORMAT, "inputs": _names(batch), "keyword_inputs": bool(batch.kwargs),
+    info = {"format": FORMAT, "inputs": names, "keyword_inputs": bool(batch.kwargs),
             "dynamic": {k: {str(a): n for a, n in v.items()} for k, v in dynamic.items()},
             "torch": torch.__version__, "max_rel_err": err}
     extra = {INFO_FILE: json.dumps(info)} | ({REPORT_FILE: report} if report else {})
     if not is_writer():          # across ranks every rank holds the same module: rank 0 writes it
-        return Saved(path, dynamic, 0, tensor_bytes(model), err, _names(batch))
+        return Saved(path, dynamic, 0, tensor_bytes(model), err, names)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.export.save(program, str(path), extra_files=extra)
     except Exception as exc:
         path.unlink(missing_ok=True)
         raise SaveError(f"torch.export.save failed for {path}: {type(exc).__name__}: {exc}") from exc
-    saved = Saved(path, dynamic, path.stat().st_size, tensor_bytes(model), err, _names(batch))
+    saved = Saved(path, dynamic, path.stat().st_size, tensor_bytes(model), err, names)
     log.info("saved %s (%d bytes; dynamic axes %s; relative error %.3g)", path, saved.bytes,
              dynamic or "none", err)
     return saved
