@@ -126,8 +126,8 @@ def test_the_default_timer_times_files_side_by_side(tmp_path):
 # ------------------------------------------------------- torch.export captures via TorchScript
 
 class BatchReshape(nn.Module):
-    """CREPE's ending: conv on (N, 1, L, 1), then permute and reshape(-1, features); the
-    `embed` flag keeps torch.fx out, so the model is captured with torch.export."""
+    """CREPE's ending: conv on (N, 1, L, 1), then permute and reshape(-1, features), captured
+    with torch.export as a model torch.fx cannot trace would be."""
 
     def __init__(self):
         super().__init__()
@@ -162,7 +162,7 @@ class TwoSizes(nn.Module):
                          ids=["reshape-minus-one", "view-and-expand"])
 def test_torchscript_exports_a_torch_export_capture_at_any_batch(tmp_path, make, shape):
     model = make().eval()
-    gm = capture(model, Batch((torch.randn(2, *shape),)))
+    gm = capture(model, Batch((torch.randn(2, *shape),)), mode="export")
     assert gm.meta["egp_capture"].mode == "export"
     result = export_onnx(gm, tmp_path / "m.onnx", torch.randn(2, *shape),
                          exporters=("torchscript",))
@@ -176,7 +176,7 @@ def test_torchscript_exports_a_torch_export_capture_at_any_batch(tmp_path, make,
 
 
 def test_a_single_symbolic_entry_becomes_minus_one(tmp_path):
-    gm = capture(BatchReshape().eval(), Batch((torch.randn(2, 32),)))
+    gm = capture(BatchReshape().eval(), Batch((torch.randn(2, 32),)), mode="export")
     assert traced_sizes(gm) >= 1
     reshapes = [n for n in gm.graph.nodes if n.target is torch.reshape]
     assert [list(n.args[1]) for n in reshapes] == [[-1, 32]]
