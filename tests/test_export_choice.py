@@ -290,7 +290,7 @@ def test_bench_times_the_default_form_right_after_its_model():
 
 # ------------------------------------------------------------------------ the command line
 
-FACTORY = "planted_models:planted_net"
+FACTORY = "egp_fx.testing.planted:planted_net"
 ARGS = ["--data", "random", "--input-size", "3x16x16", "--batch-size", "8", "--num-batches",
         "2", "--no-progress", "--channel-multiple", "1"]
 
