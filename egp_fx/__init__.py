@@ -26,11 +26,11 @@ from egp_fx.inspect import Inspection, inspect
 from egp_fx.pipeline.compress import compress
 from egp_fx.pipeline.measures import Totals, measure
 from egp_fx.pipeline.report import CompressReport, report_of
-from egp_fx.pruning import prune
+from egp_fx.pruning import EGPPruner, prune
 
 __all__ = [
     "ActivationStats", "BenchResult", "BenchRow", "CalibrationError", "CaptureInfo",
-    "CompressError", "CompressReport", "DistributedError", "EGPError", "ExportError",
+    "CompressError", "CompressReport", "DistributedError", "EGPError", "EGPPruner", "ExportError",
     "ExportResult", "Inspection", "LayerTable", "Loaded", "MemoryBudgetError", "PruneError",
     "Saved", "SaveError", "Totals", "TraceError", "benchmark", "calibrate", "capture_info",
     "compress", "export_onnx", "inspect", "into_model", "layer_stats", "load", "measure", "prune",

@@ -43,6 +43,7 @@ def prune_cases(rank: int, world: int, folder: str) -> dict:
                            progress=False)
         out[name] = {"state": {k: v.clone() for k, v in model.state_dict().items()},
                      "history": history}
+    out["loop"] = loop_case(train)
     exchange(None, "test: done")
     broken = _NoLabelsAt(train, 2 if rank == 1 else None)   # last: the group does not survive it
     out["fails"] = _attempt(lambda: prune(tiny_net(), broken, method="imp", iterations=1,
@@ -52,6 +53,37 @@ def prune_cases(rank: int, world: int, folder: str) -> dict:
         torch.save(out, f"{folder}/partial{rank}.pt")
         os._exit(3)                                # a failing rank ends its process
     return out
+
+
+def loop_case(train) -> dict:
+    """EGPPruner in a plain DDP loop: the pruner made on the model, then DDP and an SGD with
+    momentum built before the first round; 3 steps, a round, 3 steps, a round, 3 steps. Each
+    rank calibrates on its own share (the statistics are reduced over both)."""
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+    from egp_fx.pruning import EGPPruner  # noqa: PLC0415
+
+    model = tiny_net(seed=3)
+    pruner = EGPPruner(model, train, calib_batches=2)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    masks = []
+    for phase in range(3):
+        for i, (x, y) in enumerate(train):
+            if i == 3:
+                break
+            loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if phase < 2:
+            pruner.step()
+            masks.append({n: m.clone() for n, m in pruner.masks.all().items()})
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in pruner.pruned_names}
+    return {"masks": masks, "weights": weights, "sparsity": pruner.sparsity,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "entropy": [s.entropy for s in pruner.steps]}
 
 
 class _NoLabelsAt:

@@ -80,6 +80,24 @@ def test_a_rank_that_fails_in_fine_tuning_stops_the_other_naming_it(pruned):
     assert theirs["seconds"] < 15                  # not the 20 s collective timeout
 
 
+def test_pruner_masks_hold_in_a_ddp_loop_on_two_ranks(pruned):
+    """EGPPruner between DDP steps: both ranks compute the same masks from the reduced
+    statistics, the masked weights stay zero through the momentum steps after each round, and
+    the ranks end with the same weights."""
+    a, b = pruned[0]["loop"], pruned[1]["loop"]
+    assert len(a["masks"]) == 2
+    for mine, theirs in zip(a["masks"], b["masks"]):
+        assert _identical(mine, theirs)
+    assert _identical(a["state"], b["state"]) and _identical(a["weights"], b["weights"])
+    assert a["entropy"] == b["entropy"] and all(h > 0 for h in a["entropy"][0].values())
+    last = a["masks"][-1]
+    for name, w in a["weights"].items():
+        mask = last[f"{name}.weight"]
+        assert torch.equal(w[~mask], torch.zeros(int((~mask).sum())))
+        assert int(w.count_nonzero()) == int(mask.sum())
+    assert a["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_two_rank_egp_round_on_all_digits_matches_one_process(tmp_path):
     """The issue's bar: from a dense ResNet-18 (x0.25) trained by one process, one EGP round of

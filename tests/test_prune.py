@@ -24,7 +24,8 @@ from egp_fx.pruning import (
 from egp_fx.pruning import (
     egp as egp_module,  # egp_fx.prune (the attribute) is the function
 )
-from egp_fx.pruning.layers import count_nonzero, masks_from_zeros, prune_smallest
+from egp_fx.pruning.masks import prune_smallest
+from egp_fx.pruning.record import count_nonzero
 
 # Three layers with H = (1, .5, .5) and mean|w| = (.5, 1, 2): I = (.5, .5, 1), sum I = 2,
 # R = (4, 4, 2), softmax shares s_a = s_b = 1 / (2 + e^-2), s_c = e^-2 / (2 + e^-2).
@@ -105,11 +106,15 @@ def test_allocation_excludes_zero_entropy_and_empty_layers():
     assert alloc.emptied == ["c"]
 
 
-def test_prune_smallest_zeroes_exactly_n_of_the_nonzero():
+def test_prune_smallest_drops_exactly_n_of_the_kept():
     w = torch.tensor([[0.5, -0.1, 0.0], [0.3, -0.2, 0.9]])
-    new = prune_smallest(w, w != 0, 2)
-    torch.testing.assert_close(w, torch.tensor([[0.5, 0.0, 0.0], [0.3, 0.0, 0.9]]), rtol=0, atol=0)
+    mask = w != 0
+    new = prune_smallest(w, mask, 2)
     assert new.tolist() == [[True, False, False], [True, False, True]]
+    assert mask.tolist() == [[True, True, False], [True, True, True]]     # nothing given changes
+    assert w[0, 1] == -0.1
+    tied = torch.tensor([0.2, 0.1, 0.1, 0.1])                   # ties: by position
+    assert prune_smallest(tied, tied != 0, 2).tolist() == [True, False, False, True]
 
 
 def _mlp() -> nn.Sequential:
@@ -122,22 +127,25 @@ def test_imp_prunes_globally_by_magnitude():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[0.1, -0.8], [0.3, 0.05]]))
         model[2].weight.copy_(torch.tensor([[0.2, -0.6], [0.7, 0.01], [-0.4, 0.9]]))
-    names = [p.module for p in find_prunable(trace(model))]
+    names = [p.module for p in find_prunable(trace(model), model)]
     assert names == ["0", "2"]                                   # the classifier is not prunable
-    masks = masks_from_zeros(model, names)
+    weights = {n: model.get_submodule(n).weight for n in names}
+    masks = {n: w != 0 for n, w in weights.items()}
     # 10 weights: the 5 smallest |w| are .01, .05, .1, .2, .3, in both layers.
-    assert global_magnitude_prune(model, masks) == {"0": 3, "2": 2}
-    assert model[0].weight.ne(0).tolist() == [[False, True], [False, False]]
-    assert model[2].weight.abs().gt(0).tolist() == [[False, True], [True, False], [True, True]]
+    masks, lost = global_magnitude_prune(weights, masks)
+    assert lost == {"0": 3, "2": 2}
     assert masks["0"].tolist() == [[False, True], [False, False]]
+    assert masks["2"].tolist() == [[False, True], [True, False], [True, True]]
     # Round 2: 5 left, floor(2.5) = 2 go: .4 and .6.
-    assert global_magnitude_prune(model, masks) == {"0": 0, "2": 2}
-    assert model[2].weight.abs().gt(0).tolist() == [[False, False], [True, False], [False, True]]
-    assert model[4].weight.count_nonzero() == 6                  # classifier untouched
+    masks, lost = global_magnitude_prune(weights, masks)
+    assert lost == {"0": 0, "2": 2}
+    assert masks["2"].tolist() == [[False, False], [True, False], [False, True]]
+    assert model[0].weight.count_nonzero() == 4                  # the weights are not touched
 
 
 def test_prunable_layers_of_resnet18_cifar():
-    layers = find_prunable(trace(resnet18_cifar(width_mult=0.125)))
+    model = resnet18_cifar(width_mult=0.125)
+    layers = find_prunable(trace(model), model)
     names = [p.module for p in layers]
     assert len(layers) == 17
     assert not any("downsample" in n or n == "fc" for n in names)
@@ -193,7 +201,7 @@ def test_egp_one_iteration_end_to_end(tmp_path):
     untouched = TinyResNet().state_dict()                        # what _tiny_run passed in
     assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())
     rec0, rec1 = result.log
-    names = [p.module for p in find_prunable(trace(model))]
+    names = [p.weight for p in find_prunable(trace(model), model)]
     nz, total = count_nonzero(result.model, names)
     # Exactly the budget is gone after fine-tuning: no pruned weight came back.
     assert rec0.sparsity == 0.0 and rec1.budget > 0

@@ -35,3 +35,60 @@ def test_prune_command_rejects_an_unknown_scope(capsys):
     code = cli.main(["prune", FACTORY, "--data", "digits", "--imp-scope", "some"])
     assert code == cli.EXIT_USAGE
     assert "argument --imp-scope: invalid choice: 'some'" in capsys.readouterr().err
+
+
+def test_prune_command_trains_with_another_loss(capsys, tmp_path):
+    """--loss bce: multi-label 0/1 targets of the model's output shape (no class check), and
+    the loss's name in the run log."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 16, 16, generator=g)
+    y = (torch.rand(32, 4, generator=g) > 0.5).long()
+    torch.save({"x": x, "y": y}, tmp_path / "multi.pt")
+    code = cli.main(["prune", "planted_models:planted_net", "--data", str(tmp_path / "multi.pt"),
+                     "--loss", "bce", "--iterations", "1", "--epochs", "1", "--lr", "0.01",
+                     "--batch-size", "16", "--no-progress", "--out", str(tmp_path / "run"),
+                     "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["final"]["iteration"] == 1
+    assert 0 < res["final"]["sparsity"] < 1 and 0 < res["final"]["loss"] < 2
+    doc = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert doc["loss"] == "bce" and doc["records"][1]["train"][0]["loss"] == res["final"]["loss"]
+
+
+def test_prune_command_rejects_an_unknown_loss(capsys):
+    code = cli.main(["prune", "planted_models:planted_net", "--data", "digits", "--loss", "hinge"])
+    assert code == cli.EXIT_USAGE
+    assert "argument --loss: invalid choice: 'hinge'" in capsys.readouterr().err
+
+
+def tiny_opt():
+    """A two-layer OPT with a 64-token vocabulary (a CLI factory: test_prune_cli:tiny_opt)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=32, dropout=0.0, attention_dropout=0.0))
+
+
+@pytest.mark.slow
+def test_prune_command_with_the_lm_loss(capsys, tmp_path):
+    """--loss lm: token ids (no labels) train a language model on its own loss; its FFN fc1s
+    are pruned."""
+    import torch
+
+    pytest.importorskip("transformers")
+    ids = torch.randint(2, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+    torch.save({"input_ids": ids}, tmp_path / "tokens.pt")
+    code = cli.main(["prune", "test_prune_cli:tiny_opt", "--data", str(tmp_path / "tokens.pt"),
+                     "--loss", "lm", "--iterations", "1", "--epochs", "1", "--lr", "0.01",
+                     "--batch-size", "8", "--no-progress", "--out", str(tmp_path / "run"),
+                     "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and 3.0 < res["final"]["loss"] < 5.0          # about ln(64) = 4.16
+    doc = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert doc["prunable_layers"] == [f"model.decoder.layers.{i}.fc1" for i in range(2)]
+    assert doc["capture"] == "export" and doc["records"][1]["sparsity"] == pytest.approx(0.5)

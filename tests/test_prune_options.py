@@ -20,6 +20,7 @@ from egp_fx.capture import trace
 from egp_fx.pruning import (
     Augment,
     AugmentedLoader,
+    EGPPruner,
     FinetuneConfig,
     PruneError,
     augment_batch,
@@ -30,9 +31,9 @@ from egp_fx.pruning import (
     resnet18_cifar,
 )
 from egp_fx.pruning import egp as egp_module
-from egp_fx.pruning.layers import count_nonzero, masks_from_zeros
+from egp_fx.pruning import pruner as pruner_module
 from egp_fx.pruning.models import ResNetConfig, load_model, save_model
-from egp_fx.pruning.record import layer_entropy, make_record
+from egp_fx.pruning.record import count_nonzero, layer_entropy
 
 
 class DeadUnitsMLP(nn.Module):
@@ -134,14 +135,14 @@ def test_prune_reads_the_unrounded_entropy():
     row = next(r for r in layer_stats(gm) if r.node == "relu3")
     assert row.egp_entropy == pytest.approx(3e-7, rel=1e-12)      # unrounded in the table ...
     assert f"{row.egp_entropy:.4f}" == "0.0000"                    # ... rounded only in its text
-    layers = find_prunable(trace(model))
+    layers = find_prunable(trace(model), model)
     assert layer_entropy(gm, layers)["fc3"] == pytest.approx(3e-7, rel=1e-12)
-    masks = masks_from_zeros(model, ["fc1", "fc2", "fc3"])
-    step = egp_module._prune_egp(model, layers, gm, masks, 0.5)
+    pruner = EGPPruner(model, loader)
+    step = pruner.step(stats=gm)
     # fc3 stays in the pool and, with the smallest I, takes more than it has: it is emptied
-    assert "fc3" not in step["excluded"] and step["emptied"] == ["fc3"]
+    assert "fc3" not in step.excluded and step.emptied == ["fc3"]
     assert int(model.fc3.weight.count_nonzero()) == 0
-    rec = make_record(1, "egp", model, gm, layers, step, None)
+    rec = pruner.report(stats=gm, compress=False)
     assert rec.zero_entropy_layers == 0
     assert next(a for a in rec.activations if a["node"] == "relu3")["egp_entropy"] == pytest.approx(3e-7, rel=1e-12)
 
@@ -189,8 +190,8 @@ def test_augment_presets_and_loader():
 
 def test_prune_augments_finetuning_and_the_entropy_pass(monkeypatch):
     seen = {"calibrate": set(), "finetune": set(), "compress_stats": []}
-    real_cal, real_ft, real_cs = egp_module.calibrate, egp_module.run_finetune, egp_module.compress_summary
-    monkeypatch.setattr(egp_module, "calibrate", lambda m, loader, **k: seen["calibrate"].add(
+    real_cal, real_ft, real_cs = pruner_module.calibrate, egp_module.run_finetune, egp_module.compress_summary
+    monkeypatch.setattr(pruner_module, "calibrate", lambda m, loader, **k: seen["calibrate"].add(
         type(loader).__name__) or real_cal(m, loader, **k))
     monkeypatch.setattr(egp_module, "run_finetune", lambda m, loader, *a, **k: seen["finetune"].add(
         type(loader).__name__) or real_ft(m, loader, *a, **k))
@@ -215,7 +216,7 @@ def test_resnet18_cifar_stem_maxpool_option(tmp_path):
     assert not hasattr(plain, "maxpool")
     assert (pooled.maxpool.kernel_size, pooled.maxpool.stride, pooled.maxpool.padding) == (3, 2, 1)
     assert plain.state_dict().keys() == pooled.state_dict().keys()
-    assert len(find_prunable(trace(pooled))) == 17
+    assert len(find_prunable(trace(pooled), pooled)) == 17
     sizes = []
     hook = pooled.layer1.register_forward_pre_hook(lambda _m, inp: sizes.append(tuple(inp[0].shape)))
     assert pooled.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -280,7 +281,7 @@ def test_prune_reinit_ablation(tmp_path, monkeypatch):
         w = scratch.get_submodule(name).weight
         assert int(w.count_nonzero()) == w.numel()
         assert int(result.model.get_submodule(name).weight.count_nonzero()) < w.numel()
-    nz, total = count_nonzero(result.model, ["stem.0", "conv1", "conv2"])
+    nz, total = count_nonzero(result.model, ["stem.0.weight", "conv1.weight", "conv2.weight"])
     assert nz == total - 162 // 2 - 324 // 2 - 324               # the pruned model is untouched
     doc = json.loads((tmp_path / "log.json").read_text())
     assert doc["reinit"]["frozen"] == ["conv1"] and (tmp_path / "reinit.safetensors").exists()

@@ -4,7 +4,7 @@
     egp-fx inspect  MODEL --data DATA [--html report.html] [--pictures DIR] [--graph g.graphml]
     egp-fx export   MODEL --data DATA --out model.onnx [--original]
     egp-fx bench    MODEL --data DATA [--batch-sizes 1,8] [--backends ort-cpu] [--repeats 20]
-    egp-fx prune    MODEL --data DATA --method egp|imp [--iterations 5] [--out DIR]
+    egp-fx prune    MODEL --data DATA --method egp|imp [--iterations 5] [--loss cross-entropy|bce|mse|lm] [--out DIR]
                     [--imp-scope all|prunable] [--augment none|crop-flip|shift] [--reinit-ablation]
     egp-fx demo     [ARGS...]
 
@@ -176,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the markdown table here")
     p.add_argument("--plot", help="write a latency plot (PNG) here")
     p.add_argument("--html", help="write the HTML report, benchmark included, here")
-    p = _command(sub, "prune", "prune with EGP or IMP, fine-tuning between rounds (needs labels)",
-                 compress=False)
+    p = _command(sub, "prune", "prune with EGP or IMP, fine-tuning between rounds (needs labels, "
+                 "except with --loss lm)", compress=False)
     p.add_argument("--method", choices=("egp", "imp"), default="egp")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ratio", type=float, default=0.5, help="share of weights pruned per round")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per round")
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--loss", choices=("cross-entropy", "bce", "mse", "lm"), default="cross-entropy",
+                   help="fine-tuning loss: cross-entropy on class labels, bce (logits vs 0/1 "
+                        "targets), mse (prediction vs targets), or lm: a language model's own "
+                        "loss on token ids (the data's inputs, as input_ids and labels)")
     p.add_argument("--out", help="folder for pruned.safetensors and the run log")
     p.add_argument("--imp-scope", choices=("all", "prunable"), default="all",
                    help="IMP's layers: all conv/linear (the reference) or the ones EGP prunes")

@@ -274,9 +274,25 @@ def _check_classes(inputs: _Inputs, args) -> None:
                         f"{classes} outputs; pass --num-classes {top + 1}")
 
 
+class _Tokens:
+    """The data's inputs as token batches for --loss lm: {"input_ids": ids} (the CLI's data
+    reader hands numbers over as float)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            yield {"input_ids": x.long()}
+
+
 def run_prune(args) -> tuple[dict, str]:
     try:
-        from egp_fx.pruning import FinetuneConfig, augment_preset, prune
+        from egp_fx.pruning import FinetuneConfig, augment_preset, loss_by_name, prune
     except ImportError as err:
         raise CLIError(f"egp-fx prune needs egp_fx.prune, which is not available here ({err})",
                        EXIT_USAGE) from err
@@ -285,31 +301,38 @@ def run_prune(args) -> tuple[dict, str]:
                        f"processes ({world_size()}): each takes an equal part of every batch",
                        EXIT_USAGE)
     inputs = _inputs(args, num_batches=None, shard="samples")
-    if not inputs.data.labelled:
+    loss = args.loss
+    if loss != "lm" and not inputs.data.labelled:
         raise DataError(f"--data {args.data}: pruning fine-tunes the model and needs labels "
-                        "(class sub-folders, a y/labels array, or 'digits')")
-    _check_classes(inputs, args)
+                        "(class sub-folders, a y/labels array, or 'digits'), except with --loss lm")
+    if loss == "cross-entropy":
+        _check_classes(inputs, args)
+    loader = _Tokens(inputs.data.loader) if loss == "lm" else inputs.data.loader
     augment = augment_preset(args.augment)          # argparse has checked the name
-    result = prune(inputs.model, inputs.data.loader, method=args.method, iterations=args.iterations,
+    result = prune(inputs.model, loader, method=args.method, iterations=args.iterations,
                    ratio=args.ratio, finetune=FinetuneConfig(
                        epochs=args.epochs, lr=args.lr, device=launch.rank_device(args.device)),
                    imp_scope=args.imp_scope, augment=augment, reinit_ablation=args.reinit_ablation,
-                   reinit_epochs=args.reinit_epochs, out_dir=args.out, progress=not args.no_progress)
+                   reinit_epochs=args.reinit_epochs, out_dir=args.out, progress=not args.no_progress,
+                   loss_fn=None if loss == "cross-entropy" else loss_by_name(loss))
     files = {}
     if args.out and is_writer():
         from egp_fx.deploy.saving import save_weights
         files["weights"] = str(save_weights(result.model, Path(args.out) / "pruned.safetensors"))
     final = result.final
-    keys = ("iteration", "method", "accuracy", "sparsity", "params", "nonzero_params",
-            "zero_entropy_layers", "off_layers", "on_layers", "activation_layers", "compress")
+    keys = ("iteration", "method", "accuracy", "metric", "val_loss", "sparsity", "params",
+            "nonzero_params", "zero_entropy_layers", "off_layers", "on_layers",
+            "activation_layers", "compress")
     summary = {k: getattr(final, k) for k in keys if hasattr(final, k)}
+    summary["loss"] = final.train[-1]["loss"] if final.train else None
     if result.reinit is not None:
         summary["reinit"] = {k: getattr(result.reinit, k) for k in (*keys, "frozen")}
-    text = (f"pruned {args.model} with {args.method} for {args.iterations} iteration(s): "
-            f"sparsity {summary.get('sparsity')}, accuracy {summary.get('accuracy')}, "
-            f"activation calls with zero entropy {summary.get('zero_entropy_layers')}"
-            + (f"\nre-initialised and trained from scratch: accuracy {result.reinit.accuracy}, "
-               f"{len(result.reinit.frozen)} frozen (emptied) layer(s)" if result.reinit else "")
+    text = (f"pruned {args.model} with {args.method} for {args.iterations} iteration(s) "
+            f"({loss} loss): sparsity {summary.get('sparsity')}, training loss "
+            f"{summary['loss']}, activation calls with zero entropy "
+            f"{summary.get('zero_entropy_layers')}"
+            + (f"\nre-initialised and trained from scratch: {len(result.reinit.frozen)} frozen "
+               "(emptied) layer(s)" if result.reinit else "")
             + "".join(f"\nwrote {p}" for p in files.values()))
     return {**_base(args, inputs), "final": summary, "files": files}, text
 

@@ -3,8 +3,9 @@
     start           parameters and buffers are broadcast from rank 0 (models drawn differently on
                     each rank, the re-initialisation ablation and a resumed run start equal), then
                     the model is wrapped in DistributedDataParallel (on the rank's GPU with NCCL)
-    each step       DDP averages the gradients over the ranks; each rank zeroes the pruned weights
-                    of its copy with the same masks
+    each step       DDP averages the gradients over the ranks; the pruned weights stay zero
+                    through the masks, parametrizations of the weights whose mask buffers DDP
+                    broadcasts with the other buffers (egp_fx/pruning/masks.py)
     uneven loaders  when the ranks' batch counts differ (or are unknown), the epoch runs under
                     DDP's Join: a rank out of batches shadows the others' all-reduces, so none
                     waits for a batch that never comes

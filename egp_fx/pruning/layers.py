@@ -1,64 +1,84 @@
-"""Which layers EGP prunes, and the weight masks that keep pruned weights at zero.
+"""Which layers EGP prunes: found on the captured graph by the one op classifier (egp_fx.ir.ops,
+egp_fx.ir.layer), in either capture form, and mapped back to the model's own parameters.
 
-Prunable layer (as in the EGP reference code): the conv/linear module that feeds an activation call (ReLU or GELU).
-From the activation's input we walk back through BatchNorm/LayerNorm, dropout, identity and
-element-wise arithmetic (the residual add) to the conv/linear modules that write the tensor.
-A BasicBlock's second ReLU sits after `bn2(conv2(h)) + shortcut(x)`: the walk finds conv2 and,
-in a downsampling block, the shortcut's 1x1 conv. The shortcut is told apart from the branch by
-the graph alone: a producer is a shortcut when its input is a strict ancestor of another
-producer's input (x feeds the shortcut conv directly, and conv2 only through conv1). Shortcut
-convs and the classifier (it feeds no activation) are not prunable.
+Prunable layer (as in the EGP reference code): a conv/linear that writes the pre-activation of an
+activation call of a kind in PRUNED_KINDS: the ReLU-like ones (relu, relu6, leaky_relu), whose
+ON/OFF states are exact, and GELU and SiLU (the paper's Swin-T MLPs), which are piecewise exact
+only beyond their margins (egp_fx.ir.activations), ON/OFF by the sign of z as in the reference.
+From the activation's input the walk goes back through the ops that do not mix channels or
+create them (Role NORM, LAYER_NORM, IDENTITY and the element-wise arithmetic: the residual add)
+to the weighted layers (Role LAYER) that write the tensor. A BasicBlock's second ReLU sits after
+`bn2(conv2(h)) + shortcut(x)`: the walk finds conv2 and, in a downsampling block, the shortcut's
+1x1 conv. The shortcut is told apart by the graph alone: a producer is a shortcut when its input
+is a strict ancestor of another producer's input (x feeds the shortcut conv directly, conv2 only
+through conv1). Shortcut convs and the classifier (it feeds no activation) are not prunable.
 
-Masks: mask = (w != 0), taken when pruning starts, so a checkpoint of plain weights with zeros
-is all that is needed to resume. Pruning n weights of a layer zeroes the n smallest |w| among
-its nonzero ones (ties broken by position, so counts are exact).
+Mapping back (`weight_name`): a module call (torch.fx) names its module path, so the weight is
+`<path>.weight`; a function call (torch.export, aten.linear / aten.conv2d) reads its weight from
+a graph attribute whose dotted path, less the capture's prefix, is the model's own parameter
+name (held transposed for GPT-2's Conv1D: the mask then works on the model's layout, which
+magnitudes do not care about). A weight the model ties to another name (an LM head sharing the
+embedding) is left out. Every layer is one parameter: a module called twice is one layer
+feeding two activation calls.
 """
 from __future__ import annotations
 
-import operator
+from collections.abc import Collection
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from egp_fx.ir.ops import activation_kind
-from egp_fx.ir.ops import main_input as activation_input
+from egp_fx.capture import capture_info
+from egp_fx.ir.layer import layer_of
+from egp_fx.ir.ops import ARITHMETIC, Ops, Role, arg, main_input
 
-PRUNED_KINDS = frozenset({"relu", "gelu"})
-PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_THROUGH_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-                    nn.Dropout, nn.Identity)
-_THROUGH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
-                      torch.sub, torch.mul, F.dropout, F.batch_norm, F.layer_norm}
-_THROUGH_METHODS = {"add", "sub", "mul", "div", "contiguous", "add_", "mul_"}
+PRUNED_KINDS = frozenset({"relu", "relu6", "leaky_relu", "gelu", "silu"})
+_THROUGH = frozenset({Role.NORM, Role.LAYER_NORM, Role.IDENTITY, *ARITHMETIC})
 
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    module: str                    # qualified name of the conv/linear module
+    module: str                    # module path in the model ('layer1.0.conv2')
     activations: tuple[str, ...]   # the activation calls (fx node names) it feeds
+    weight: str = ""               # the parameter ('layer1.0.conv2.weight')
 
 
-def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def weight_name(ops: Ops, node: fx.Node, params: Collection[str]) -> str | None:
+    """The parameter (one of `params`) a conv/linear node reads as its weight, or None (see
+    the module docstring)."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), _THROUGH_MODULES)
-    if node.op == "call_function":
-        return node.target in _THROUGH_FUNCTIONS
-    return node.op == "call_method" and node.target in _THROUGH_METHODS
+        name = f"{node.target}.weight"
+    else:
+        gm = ops.gm
+        view = layer_of(gm, node, ops.modules)
+        w = view.weight_node if view is not None else arg(node, 1, "weight")
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return None
+        info = capture_info(gm)
+        prefix = info.prefix if info is not None else ""
+        name = str(w.target)
+        name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return name if name in params else None
 
 
-def _producers(z: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
+def layer_key(weight: str) -> str:
+    """How records name a layer: its module path ('conv1' for 'conv1.weight'), or the parameter
+    name when the weight is not called `weight`."""
+    return weight.removesuffix(".weight")
+
+
+def _producers(z: fx.Node, ops: Ops) -> list[fx.Node]:
     found, stack, seen = [], [z], set()
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node is None or node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module" and isinstance(modules.get(node.target), PRODUCERS):
+        role = ops(node).role
+        if role is Role.LAYER:
             found.append(node)
-        elif _passes_through(node, modules):
+        elif role in _THROUGH:
             stack.extend(node.all_input_nodes)
     return found
 
@@ -76,66 +96,55 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 def _drop_shortcuts(producers: list[fx.Node]) -> list[fx.Node]:
     if len(producers) < 2:
         return producers
-    inputs = {p: p.all_input_nodes[0] for p in producers}
-    ancestry = {p: _ancestors(inputs[p]) for p in producers}
+    inputs = {p: main_input(p) for p in producers}
+    ancestry = {p: _ancestors(inputs[p]) if inputs[p] is not None else set() for p in producers}
     return [p for p in producers
             if not any(q is not p and inputs[p] in ancestry[q] for q in producers)]
 
 
-def find_prunable(gm: fx.GraphModule, kinds: frozenset[str] = PRUNED_KINDS) -> list[PrunableLayer]:
-    """The prunable layers of a traced model, in graph order (one entry per module)."""
-    modules = dict(gm.named_modules())
+def tied_parameters(model: nn.Module) -> set[str]:
+    """Names of parameters the model holds under more than one name (tied weights)."""
+    seen: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(name)
+    return {n for names in seen.values() if len(names) > 1 for n in names}
+
+
+def parameter_names(model: nn.Module) -> set[str]:
+    """The names of the model's parameters that a mask may hold (tied ones left out)."""
+    tied = tied_parameters(model)
+    return {n for n, _ in model.named_parameters() if n not in tied}
+
+
+def _names(model: nn.Module | Collection[str]) -> Collection[str]:
+    return parameter_names(model) if isinstance(model, nn.Module) else model
+
+
+def find_prunable(gm: fx.GraphModule, model: nn.Module | Collection[str],
+                  kinds: frozenset[str] = PRUNED_KINDS) -> list[PrunableLayer]:
+    """The prunable layers of `model` (or of the parameter names given), captured as `gm`, in
+    graph order (one per parameter)."""
+    ops, params = Ops(gm), _names(model)
     feeds: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
-        if activation_kind(node, modules) not in kinds:
+        op = ops(node)
+        if not op.is_activation or op.kind not in kinds:
             continue
-        for prod in _drop_shortcuts(_producers(activation_input(node), modules)):
-            feeds.setdefault(prod.target, []).append(node.name)
-    return [PrunableLayer(name, tuple(acts)) for name, acts in feeds.items()]
+        for prod in _drop_shortcuts(_producers(main_input(node), ops)):
+            name = weight_name(ops, prod, params)
+            if name is not None:
+                feeds.setdefault(name, []).append(node.name)
+    return [PrunableLayer(layer_key(name), tuple(acts), name) for name, acts in feeds.items()]
 
 
-def weight_of(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight
-
-
-def masks_from_zeros(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """mask[name] = (weight != 0) as a bool tensor."""
-    return {n: weight_of(model, n).detach() != 0 for n in names}
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero every masked-out weight (call after each optimizer step)."""
-    for name, mask in masks.items():
-        weight_of(model, name).masked_fill_(~mask, 0.0)
-
-
-@torch.no_grad()
-def prune_smallest(weight: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Zero the n smallest-|w| weights among those still in `mask`; returns the new mask."""
-    alive = torch.nonzero(mask.flatten()).flatten()
-    n = min(int(n), alive.numel())
-    if n <= 0:
-        return mask
-    mags = weight.detach().flatten()[alive].abs()
-    order = torch.sort(mags, stable=True).indices[:n]
-    new = mask.flatten().clone()
-    new[alive[order]] = False
-    new = new.view_as(mask)
-    weight.masked_fill_(~new, 0.0)
-    return new
-
-
-def count_nonzero(model: nn.Module, names: list[str]) -> tuple[int, int]:
-    """(nonzero weights, all weights) over the named modules."""
-    nz = tot = 0
-    for n in names:
-        w = weight_of(model, n)
-        nz += int(torch.count_nonzero(w))
-        tot += w.numel()
-    return nz, tot
-
-
-def weighted_modules(model: nn.Module) -> list[str]:
-    """Names of all conv/linear modules (for the overall sparsity)."""
-    return [n for n, m in model.named_modules() if isinstance(m, PRODUCERS)]
+def find_weighted(gm: fx.GraphModule, model: nn.Module | Collection[str]) -> list[str]:
+    """The weights (parameter names) of every conv/linear call of `gm`, in graph order: IMP's
+    scope "all" and the overall sparsity."""
+    ops, params = Ops(gm), _names(model)
+    out: list[str] = []
+    for node in gm.graph.nodes:
+        if ops(node).role is Role.LAYER:
+            name = weight_name(ops, node, params)
+            if name is not None and name not in out:
+                out.append(name)
+    return out

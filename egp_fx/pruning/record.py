@@ -1,10 +1,15 @@
-"""What the prune loop reads from a calibrated model, and what it records per iteration.
+"""What a pruning round reads from a calibrated model, and what it records.
 
 Entropies are read from the ActivationStats records calibrate() leaves in node.meta["egp"], at
 full precision (layer_stats() rounds its table to 6 decimals; a layer with 0 < H < 5e-7 would
 read as zero there and leave the pool):
 
     H_l = mean over the activation calls a fed by layer l of  node.meta["egp"].egp_entropy (a)
+
+A record is taken on a plain model (the pruner's plain_view: masked weights as plain tensors):
+sparsity over the prunable weights and over all conv/linear weights, per-layer entropy and
+nonzero count, per activation call its entropies and dead/linear units, and what
+egp_fx.compress removes from it.
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ from torch import nn
 
 from egp_fx.calibrate.stats import EGP_META_KEY, ActivationStats
 from egp_fx.calibrate.table import layer_stats
+from egp_fx.errors import PruneError
 from egp_fx.pipeline.compress import compress
 
-from .layers import PrunableLayer, count_nonzero, weight_of, weighted_modules
+from .layers import PrunableLayer
 from .runlog import IterationRecord
 
 log = logging.getLogger(__name__)
@@ -33,10 +39,26 @@ def activation_stats(gm: fx.GraphModule) -> dict[str, ActivationStats]:
 
 
 def layer_entropy(gm: fx.GraphModule, layers: list[PrunableLayer]) -> dict[str, float]:
-    """H_l (unrounded EGP entropy) of every prunable layer."""
+    """H_l (unrounded EGP entropy) of every prunable layer, by layer name (PrunableLayer.module)."""
     stats = activation_stats(gm)
-    return {lay.module: sum(stats[a].egp_entropy for a in lay.activations) / len(lay.activations)
-            for lay in layers}
+    out = {}
+    for lay in layers:
+        missing = [a for a in lay.activations if a not in stats]
+        if missing:
+            raise PruneError(f"the entropy pass holds no statistics for {missing}, which "
+                             f"{lay.module} feeds")
+        out[lay.module] = sum(stats[a].egp_entropy for a in lay.activations) / len(lay.activations)
+    return out
+
+
+def count_nonzero(model: nn.Module, weights: list[str]) -> tuple[int, int]:
+    """(nonzero entries, all entries) of the named parameters of a plain model."""
+    nz = tot = 0
+    for name in weights:
+        w = model.get_parameter(name)
+        nz += int(torch.count_nonzero(w))
+        tot += w.numel()
+    return nz, tot
 
 
 def _totals(t) -> dict:
@@ -65,11 +87,13 @@ def compress_summary(model: nn.Module, loader: Iterable, gm: fx.GraphModule | No
 
 
 def make_record(i: int, method: str, model: nn.Module, gm: fx.GraphModule,
-                layers: list[PrunableLayer], step: dict, accuracy: float | None) -> IterationRecord:
-    """The IterationRecord of `model` (pruned, fine-tuned) with the statistics in `gm`."""
-    names = [lay.module for lay in layers]
+                layers: list[PrunableLayer], weighted: list[str], step: dict,
+                accuracy: float | None) -> IterationRecord:
+    """The IterationRecord of a plain `model` (the pruner's plain view) with the statistics in
+    `gm`; `weighted` names all conv/linear weights (the overall sparsity)."""
+    names = [lay.weight for lay in layers]
     nz, tot = count_nonzero(model, names)
-    nz_all, tot_all = count_nonzero(model, weighted_modules(model))
+    nz_all, tot_all = count_nonzero(model, weighted)
     params = sum(p.numel() for p in model.parameters())
     nonzero_params = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     rows, stats = layer_stats(gm), activation_stats(gm)
@@ -79,9 +103,12 @@ def make_record(i: int, method: str, model: nn.Module, gm: fx.GraphModule,
              "egp_entropy": stats[r.node].egp_entropy, "easier_entropy": stats[r.node].easier_entropy,
              "state": r.state} for r in rows]
     entropy = layer_entropy(gm, layers)
-    per_layer = [{"module": n, "weights": weight_of(model, n).numel(),
-                  "nonzero": int(torch.count_nonzero(weight_of(model, n))), "entropy": entropy[n]}
-                 for n in names]
+    per_layer = []
+    for lay in layers:
+        w = model.get_parameter(lay.weight)
+        nonzero = int(torch.count_nonzero(w))
+        per_layer.append({"module": lay.module, "weights": w.numel(), "nonzero": nonzero,
+                          "sparsity": 1 - nonzero / w.numel(), "entropy": entropy[lay.module]})
     return IterationRecord(
         iteration=i, method=method, accuracy=accuracy, sparsity=1 - nz / tot,
         sparsity_all=1 - nz_all / tot_all, nonzero_params=nonzero_params, params=params,
@@ -91,3 +118,4 @@ def make_record(i: int, method: str, model: nn.Module, gm: fx.GraphModule,
         off_layers=sum(r.state == "dead" for r in rows),
         on_layers=sum(len(r.linear) == r.channels for r in rows), activation_layers=len(rows),
         frozen=step.get("frozen", []))
+

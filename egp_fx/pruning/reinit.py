@@ -12,8 +12,9 @@ src/reinitialize_finetune.py) takes the pruned model and
     reset       norm layers: weight 1, bias 0, fresh running statistics; any other module with
                 parameters of its own: its reset_parameters()
 
-then trains it with the fine-tuning recipe (SGD, step schedule) for a given number of epochs and
-no masks. The reference re-draws conv and linear weights the same way and also resets the norm
+then trains it with the fine-tuning recipe (SGD, step schedule, or the objective prune() was
+given) for a given number of epochs and no masks. The conv/linear layers are the weighted calls of
+the captured graph (layers.find_weighted), named by the caller or found by a torch.fx capture. The reference re-draws conv and linear weights the same way and also resets the norm
 layers' affine parameters; it keeps the trained Linear biases and BatchNorm running statistics,
 which here start afresh (a from-scratch start).
 """
@@ -26,7 +27,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .layers import PRODUCERS
+from egp_fx.capture import trace
+
+from .layers import find_weighted
 from .train import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
@@ -34,18 +37,25 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.Layer
 
 
 @torch.no_grad()
-def reinitialize(model: nn.Module) -> list[str]:
-    """Re-draw `model` in place as described above; returns the names of the frozen layers."""
+def reinitialize(model: nn.Module, weights: list[str] | None = None) -> list[str]:
+    """Re-draw `model` in place as described above; returns the names of the frozen layers.
+
+    `weights` names the conv/linear weights (parameter names); None finds them on a torch.fx
+    capture of the model."""
+    if weights is None:
+        weights = find_weighted(trace(model), model)
+    layers = {name.rpartition(".")[0]: name.rpartition(".")[2] for name in weights}
     frozen = []
     for name, module in model.named_modules():
-        if isinstance(module, PRODUCERS):
-            if not bool(module.weight.ne(0).any()):
+        if name in layers:
+            weight = getattr(module, layers[name])
+            if not bool(weight.ne(0).any()):
                 frozen.append(name)
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(False)
                 continue
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
+            nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+            if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
         elif isinstance(module, _NORMS) or (any(True for _ in module.parameters(recurse=False))
                                             and hasattr(module, "reset_parameters")):
@@ -56,18 +66,19 @@ def reinitialize(model: nn.Module) -> list[str]:
 
 
 def train_from_scratch(model: nn.Module, loader: Iterable, config: FinetuneConfig, epochs: int, *,
-                       progress: bool = True, distributed: bool | None = None
-                       ) -> tuple[list[str], list[dict]]:
-    """reinitialize(model), then train it in place for `epochs`; returns (frozen layers, history).
+                       weights: list[str] | None = None, progress: bool = True,
+                       distributed: bool | None = None, **objective) -> tuple[list[str], list[dict]]:
+    """reinitialize(model, weights), then train it in place for `epochs`; returns (frozen
+    layers, history). `objective`: loss_fn, metric_fn, optimizer, scheduler, as finetune.
 
     The frozen layers get requires_grad back at the end (their weights are still zero). Across
     ranks (`distributed`, as finetune) every rank starts from rank 0's re-drawn weights.
     """
-    frozen = reinitialize(model)
+    frozen = reinitialize(model, weights)
     log.info("re-initialisation ablation: %d frozen (emptied) layers, %d epochs", len(frozen), epochs)
     try:
         history = finetune(model, loader, replace(config, epochs=epochs), progress=progress,
-                           desc="reinit", distributed=distributed)
+                           desc="reinit", distributed=distributed, **objective)
     finally:
         for name in frozen:
             for p in model.get_submodule(name).parameters(recurse=False):

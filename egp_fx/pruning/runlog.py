@@ -31,7 +31,8 @@ RESUME_KEYS = ("method", "ratio", "prunable_layers", "pruned_layers", "augment")
 class IterationRecord:
     iteration: int
     method: str
-    accuracy: float | None                 # validation top-1 (None without val_loader)
+    accuracy: float | None                 # validation top-1 (None without val_loader or with
+                                           # another loss or metric: see `metric`)
     sparsity: float                        # zero fraction of the prunable weights
     sparsity_all: float                    # zero fraction of all conv/linear weights
     nonzero_params: int                    # over all parameters
@@ -50,6 +51,13 @@ class IterationRecord:
     train: list[dict] = field(default_factory=list)   # fine-tuning history
     seconds: float = 0.0
     frozen: list[str] = field(default_factory=list)   # re-initialisation ablation: frozen layers
+    metric: float | None = None            # validation metric_fn (top-1 accuracy by default)
+    val_loss: float | None = None          # validation loss_fn
+
+    @property
+    def empty_layers(self) -> list[str]:
+        """The prunable layers with no weight left (emptied in this round or before)."""
+        return [lay["module"] for lay in self.layers if lay["nonzero"] == 0]
 
 
 @dataclass
@@ -75,12 +83,16 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     save_weights(model, path)
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file  # noqa: PLC0415
 
+    return load_file(str(path), device=str(device))
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
     device = next(model.parameters(), torch.empty(0)).device
     try:
-        model.load_state_dict(load_file(str(path), device=str(device)))
+        model.load_state_dict(read_checkpoint(path, device))
     except RuntimeError as err:
         raise PruneError(f"checkpoint {path} does not fit the model: {err}") from err
 
