@@ -24,7 +24,7 @@ test: $(STAMP)
 mutants: $(STAMP)
 	$(PY) tests/mutants.py --out benchmarks/results/mutants.md
 
-# pretrained networks whose weights ship in their wheels, for benchmarks/real_models.py and
+# pretrained networks whose weights ship in their wheels, for benchmarks/bench_real_models.py and
 # the slow test tests/test_real_models.py; --no-deps: facenet-pytorch pins torch<2.3, and the
 # networks need none of the audio/image I/O packages the others declare
 real-models: $(STAMP)

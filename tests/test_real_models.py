@@ -1,7 +1,7 @@
 """Real pretrained networks (weights from inside their wheels) through compress and the
 deliverable export: exact on held-out inputs, and never handed back slower than the original in
 its fastest form. Slow, and skipped where the packages or espeak-ng/sox are missing (make
-real-models installs them); benchmarks/real_models.py is the full measurement."""
+real-models installs them); benchmarks/bench_real_models.py is the full measurement."""
 from __future__ import annotations
 
 import sys
@@ -15,7 +15,7 @@ from egp_fx.deploy.deliverable import export_deliverable
 from egp_fx.deploy.onnx import Choice, export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _real_data import MODELS, available  # noqa: E402
+from _real_models_data import MODELS, available  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SIZES = {"crepe-full": 16}

@@ -1,4 +1,4 @@
-"""The real pretrained models of benchmarks/real_models.py: builders, inputs and agreement measures.
+"""The real pretrained models of benchmarks/bench_real_models.py: builders, inputs and agreement measures.
 
 Each builder returns (the package's own nn.Module in eval mode with the weights file from inside
 its wheel, how it was built). `MODELS[key].data(split, n)` gives n inputs of the "calib" or

@@ -1,6 +1,6 @@
 """Real pretrained networks whose trained weights ship inside their PyPI wheels, through egp_fx.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/real_models.py [MODEL ...] [--rounds 15]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_real_models.py [MODEL ...] [--rounds 15]
         [--serve crepe-full=16] [--calib 512] [--holdout 512] [--calib-full 64]
 
 Nothing here is planted or trained: each network is the package's own class with the weights
@@ -66,18 +66,15 @@ import math
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import header, setup_logging, write
+from _real_models_data import MODELS, available
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, setup_logging, write  # noqa: E402
-from _real_data import MODELS, available  # noqa: E402
-
-import egp_fx  # noqa: E402
+import egp_fx
 from egp_fx.deploy.default_form import export_default_form  # noqa: E402
 from egp_fx.deploy.latency import ort_cpu_session  # noqa: E402
 from egp_fx.deploy.onnx import export_onnx  # noqa: E402
@@ -262,7 +259,7 @@ def markdown(records: list[dict], meta_header: str) -> str:
              "Pretrained networks whose trained weights ship inside their PyPI wheels (nothing "
              "planted or trained here), calibrated and compressed on real inputs, and exported "
              "the way a user would deploy them. Set-up, data and method: the docstrings of "
-             "benchmarks/real_models.py and benchmarks/_real_data.py.", "",
+             "benchmarks/bench_real_models.py and benchmarks/_real_models_data.py.", "",
              "Latency: onnxruntime CPU, 1 intra-op thread, graph optimisation 'all', no "
              "spinning; the files of a model are called in turn, call by call in a shuffled order, in "
              "every round; "
