@@ -44,16 +44,8 @@ from egp_fx.ir.layer import layer_of
 from egp_fx.ir.ops import ARITHMETIC, Role, main_input
 from egp_fx.ir.shapes import dtype_of, shape_of
 
-from .base import (
-    Candidate,
-    Decision,
-    DecisionKind,
-    PassContext,
-    PassRun,
-    Refusal,
-    Rewrite,
-    RewriteKind,
-)
+from .base import (Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite,
+    RewriteKind)
 from .constant_values import Const, compact, evaluate, full
 from .reasons import Reason, Why, render
 from .registry import register

@@ -36,16 +36,8 @@ from egp_fx.ir.layer import Layer, layer_of
 from egp_fx.ir.ops import arg, main_input
 from egp_fx.ir.shapes import set_dim, shape_of
 
-from .base import (
-    Candidate,
-    Decision,
-    DecisionKind,
-    PassContext,
-    PassRun,
-    Refusal,
-    Rewrite,
-    RewriteKind,
-)
+from .base import (Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite,
+    RewriteKind)
 from .channel_walk import Read, Walk
 from .channel_walk import walk as walk_channels
 from .reasons import Reason, Why

@@ -23,16 +23,8 @@ from egp_fx.ir.layer import layer_of
 from egp_fx.ir.ops import main_input
 from egp_fx.ir.shapes import dtype_of, shape_of
 
-from .base import (
-    Candidate,
-    Decision,
-    DecisionKind,
-    PassContext,
-    PassRun,
-    Refusal,
-    Rewrite,
-    RewriteKind,
-)
+from .base import (Candidate, Decision, DecisionKind, PassContext, PassRun, Refusal, Rewrite,
+    RewriteKind)
 from .reasons import Reason, Why
 from .registry import register
 from .util import arithmetic, constant
