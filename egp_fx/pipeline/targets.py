@@ -58,6 +58,6 @@ def register_target(target: Target) -> Target:
 
 
 def target_options(target: str, channel_multiple: int | None) -> dict:
-    """The pass options a target sets (PassOptions keyword arguments)."""
+    """The pass options a target sets (keyword arguments of the passes' options)."""
     t = TARGETS[target]
     return {"channel_multiple": t.channel_multiple if channel_multiple is None else channel_multiple}
