@@ -44,7 +44,8 @@ class MLP(nn.Module):
 
 
 class Flagged(nn.Module):
-    """forward(x, embed=False): torch.fx cannot trace the branch on a flag; torch.export can."""
+    """forward(x, embed=False) with a branch on the input's shape: torch.fx fixes the flag but
+    cannot trace the branch on a shape; torch.export specialises it."""
 
     def __init__(self):
         super().__init__()
@@ -52,7 +53,7 @@ class Flagged(nn.Module):
 
     def forward(self, x, embed=False):
         h = F.gelu(self.fc2(torch.relu(self.fc1(x))))
-        if embed:
+        if embed or x.shape[0] == 0:
             return h
         return self.head(h)
 
