@@ -46,7 +46,7 @@ def test_prune_command_trains_with_another_loss(capsys, tmp_path):
     x = torch.randn(32, 3, 16, 16, generator=g)
     y = (torch.rand(32, 4, generator=g) > 0.5).long()
     torch.save({"x": x, "y": y}, tmp_path / "multi.pt")
-    code = cli.main(["prune", "planted_models:planted_net", "--data", str(tmp_path / "multi.pt"),
+    code = cli.main(["prune", "egp_fx.testing.planted:planted_net", "--data", str(tmp_path / "multi.pt"),
                      "--loss", "bce", "--iterations", "1", "--epochs", "1", "--lr", "0.01",
                      "--batch-size", "16", "--no-progress", "--out", str(tmp_path / "run"),
                      "--json"])
@@ -58,7 +58,7 @@ def test_prune_command_trains_with_another_loss(capsys, tmp_path):
 
 
 def test_prune_command_rejects_an_unknown_loss(capsys):
-    code = cli.main(["prune", "planted_models:planted_net", "--data", "digits", "--loss", "hinge"])
+    code = cli.main(["prune", "egp_fx.testing.planted:planted_net", "--data", "digits", "--loss", "hinge"])
     assert code == cli.EXIT_USAGE
     assert "argument --loss: invalid choice: 'hinge'" in capsys.readouterr().err
 
